@@ -1,0 +1,38 @@
+"""Hydra callbacks: print (and save) the summary table when a run or sweep ends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+
+def _report(folder: Path, kind: str) -> None:
+    from ablation.summary import format_summary, summary_table, sweep_records
+    frame = sweep_records(folder)
+    if frame.empty or not (frame.get("kind") == kind).any():
+        return
+    frame = frame[frame["kind"] == kind]
+    if kind == "timing":
+        text = format_summary(frame)
+        summary_table(frame).to_csv(folder / "summary.csv", index=False)
+    else:
+        from ablation.probe import format_memory_summary
+        text = format_memory_summary(frame)
+    (folder / f"summary_{kind}.txt").write_text(text + "\n")
+    print(f"\n=== summary ({folder}) ===\n{text}\n", flush=True)
+
+
+class SummaryCallback(Callback):
+    """Prints the summary table of the run (``kind`` selects timing or memory records)."""
+
+    def __init__(self, kind: str = "timing") -> None:
+        self.kind = kind
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        _report(Path(config.hydra.runtime.output_dir), self.kind)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        _report(Path(config.hydra.sweep.dir), self.kind)

@@ -1,0 +1,207 @@
+"""Typed, validated run settings: what the Hydra shell hands to the pure core.
+
+Entry points turn their resolved ``DictConfig`` into a plain dict and call
+:func:`cell_from_dict`; everything below the shell sees only these frozen dataclasses. Every
+invalid value raises :class:`ConfigError` with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+from ablation.data import SOURCES
+from ablation.engines import ENGINES, LOOPS
+from ablation.privacy import ACCOUNTANTS, SAMPLINGS
+from models import MODEL_NAMES
+
+TIMING_MODES = ("budget", "epochs")
+#: Engines outside the JAX registry (reference rows from other frameworks).
+REFERENCE_ENGINES = ("opacus",)
+OPACUS_MODES = ("hooks", "ghost", "functorch", "ew")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line that names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TimingConfig:
+    """How a cell is timed.
+
+    Attributes:
+      mode: ``budget`` (up to ``max_steps`` steady steps or ``budget_s`` seconds; epoch time
+        estimated as steps_per_epoch × median step) or ``epochs`` (``epochs`` full passes).
+      epochs: full passes in ``epochs`` mode.
+      max_steps: most steady-state steps in ``budget`` mode.
+      budget_s: seconds of steady-state stepping in ``budget`` mode (checked between steps).
+      warmup_steps: steps after the first that are run but not reported.
+      min_steps: steady-state steps taken even past the budget, so a median exists.
+      timeout_s: the cell's wall-clock limit; past it the cell is killed, status ``timeout``.
+      progress: show a progress bar.
+    """
+
+    mode: str = "budget"
+    epochs: int = 20
+    max_steps: int = 100
+    budget_s: float = 10.0
+    warmup_steps: int = 2
+    min_steps: int = 3
+    timeout_s: float = 1800.0
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyConfig:
+    """DP-SGD and accounting settings (paper defaults: C 1.0, σ 1.1, δ 1e-5)."""
+
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.1
+    delta: float = 1e-5
+    accountant: str = "pld"
+    target_epsilon: float | None = None
+    sampling: str = "shuffle"
+    capacity_sigmas: float = 3.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CellConfig:
+    """One cell of the grid: engine × model × batch size × privacy, and how to time it."""
+
+    engine: str = "both"
+    loop: str = "dispatch"
+    engine_mode: str | None = None  # opacus grad-sample mode
+    model: str = "ffnn"
+    unroll: str = "static"
+    data: str = "synthetic"
+    data_limit: int | None = None
+    data_cache_dir: str | None = None
+    download: bool = True
+    batch_size: int = 64
+    private: bool = True
+    epochs: int = 20
+    seed: int = 42
+    lr: float = 0.15
+    dp: PrivacyConfig = PrivacyConfig()
+    timing: TimingConfig = TimingConfig()
+
+    @property
+    def is_reference(self) -> bool:
+        """True for engines of other frameworks (Opacus)."""
+        return self.engine in REFERENCE_ENGINES
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _int(value: Any, key: str, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if int(value) < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{key} must be {what}, got {value!r}")
+    return int(value)
+
+
+def _float(value: Any, key: str, *, positive: bool = False, allow_inf: bool = False,
+           allow_zero: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    x = float(value)
+    if math.isnan(x) or (math.isinf(x) and not allow_inf):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    if x < 0 or (positive and x == 0) or (not allow_zero and x == 0):
+        raise ConfigError(f"{key} must be {'> 0' if positive or not allow_zero else '>= 0'}, "
+                          f"got {value!r}")
+    return x
+
+
+def _choice(value: Any, key: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _get(d: Mapping[str, Any], key: str, default: Any) -> Any:
+    value = d.get(key, default) if isinstance(d, Mapping) else default
+    return default if value is None and default is not None else value
+
+
+def cell_from_dict(cfg: Mapping[str, Any]) -> CellConfig:
+    """Validate a resolved config (the Hydra tree as plain dicts) into a :class:`CellConfig`."""
+    engine = _get(cfg, "engine", {}) or {}
+    model = _get(cfg, "model", {}) or {}
+    data = _get(cfg, "data", {}) or {}
+    dp = _get(cfg, "dp", {}) or {}
+    optim = _get(cfg, "optim", {}) or {}
+    timing = _get(cfg, "timing", {}) or {}
+
+    engine_name = _choice(engine.get("name", "both"), "engine", tuple(ENGINES) + REFERENCE_ENGINES)
+    mode = engine.get("mode")
+    if engine_name == "opacus":
+        mode = _choice(mode or "hooks", "engine.mode", OPACUS_MODES)
+    target = dp.get("target_epsilon")
+    epochs = _int(_get(cfg, "epochs", 20), "epochs", minimum=1)
+    timing_cfg = TimingConfig(
+        mode=_choice(timing.get("mode", "budget"), "timing.mode", TIMING_MODES),
+        epochs=_int(_get(timing, "epochs", epochs), "timing.epochs", minimum=1),
+        max_steps=_int(timing.get("max_steps", 100), "timing.max_steps", minimum=1),
+        budget_s=_float(timing.get("budget_s", 10.0), "timing.budget_s", positive=True),
+        warmup_steps=_int(timing.get("warmup_steps", 2), "timing.warmup_steps", minimum=0),
+        min_steps=_int(timing.get("min_steps", 3), "timing.min_steps", minimum=1),
+        timeout_s=_float(timing.get("timeout_s", 1800.0), "timing.timeout_s", positive=True),
+        progress=_bool(timing.get("progress", True), "timing.progress"),
+    )
+    delta = _float(dp.get("delta", 1e-5), "dp.delta", positive=True)
+    if delta >= 1:
+        raise ConfigError(f"dp.delta must be in (0, 1), got {delta!r}")
+    dp_cfg = PrivacyConfig(
+        clip_norm=_float(dp.get("clip_norm", 1.0), "dp.clip_norm", positive=True, allow_inf=True),
+        noise_multiplier=_float(dp.get("noise_multiplier", 1.1), "dp.noise_multiplier"),
+        delta=delta,
+        accountant=_choice(dp.get("accountant", "pld"), "dp.accountant", ACCOUNTANTS),
+        target_epsilon=None if target is None else _float(target, "dp.target_epsilon",
+                                                          positive=True),
+        sampling=_choice(dp.get("sampling", "shuffle"), "dp.sampling", SAMPLINGS),
+        capacity_sigmas=_float(dp.get("capacity_sigmas", 3.0), "dp.capacity_sigmas"),
+    )
+    if math.isinf(dp_cfg.clip_norm) and dp_cfg.noise_multiplier > 0 and target is None:
+        raise ConfigError("dp.noise_multiplier must be 0 when dp.clip_norm is inf")
+    limit = data.get("limit")
+    return CellConfig(
+        engine=engine_name,
+        loop=_choice(engine.get("loop", "dispatch") or "dispatch", "engine.loop", LOOPS),
+        engine_mode=mode,
+        model=_choice(model.get("name", "ffnn"), "model", MODEL_NAMES),
+        unroll=_choice(model.get("unroll", "static") or "static", "model.unroll",
+                       ("static", "dynamic")),
+        data=_choice(data.get("source", "synthetic"), "data", SOURCES),
+        data_limit=None if limit is None else _int(limit, "data.limit", minimum=1),
+        data_cache_dir=data.get("cache_dir"),
+        download=_bool(data.get("download", True), "data.download"),
+        batch_size=_int(_get(cfg, "batch_size", 64), "batch_size", minimum=1),
+        private=_bool(_get(cfg, "private", True), "private"),
+        epochs=epochs,
+        seed=_int(_get(cfg, "seed", 42), "seed", minimum=0),
+        lr=_float(optim.get("lr", 0.15), "optim.lr"),
+        dp=dp_cfg,
+        timing=timing_cfg,
+    )
+
+
+def cell_from_plain(d: Mapping[str, Any]) -> CellConfig:
+    """Rebuild a :class:`CellConfig` from :meth:`CellConfig.to_dict` (worker side)."""
+    d = dict(d)
+    d["dp"] = PrivacyConfig(**d["dp"])
+    d["timing"] = TimingConfig(**d["timing"])
+    return CellConfig(**d)

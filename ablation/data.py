@@ -1,0 +1,175 @@
+"""Training data on the device, and batch samplers whose work stays out of the timed region.
+
+``load_training_set`` gives the whole training set as device arrays (synthetic by default:
+the real dataset's shapes, dtypes and class counts, deterministic by seed; ``real`` reads the
+cached files through :mod:`ablation.datasets`). The samplers draw every batch on the device with
+one compiled call, so a step is timed without any host copy or data work inside the clock.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import DatasetSpec
+
+SOURCES = ("synthetic", "real")
+
+
+class TrainingSet(NamedTuple):
+    """A training set on the device."""
+
+    x: jax.Array  # [N, *input_shape], float32 or int32 token ids
+    y: jax.Array  # [N] int32 labels in [0, num_classes)
+
+    @property
+    def size(self) -> int:
+        return int(self.x.shape[0])
+
+
+class Batch(NamedTuple):
+    """One batch. ``mask`` is None for fixed-size batches, ``[capacity]`` for Poisson ones."""
+
+    x: jax.Array  # [B, ...]
+    y: jax.Array  # [B]
+    mask: jax.Array | None = None  # [B] 1.0 = a sampled example, 0.0 = a padded slot
+
+
+def synthetic(spec: DatasetSpec, seed: int, n: int | None = None) -> TrainingSet:
+    """Random data with the real dataset's shapes and dtypes, generated on the device.
+
+    Inputs are uniform in [0, 1) (images, Adult features) or uniform token ids in
+    ``[0, vocab_size)``; labels are uniform over the classes. Same seed ⇒ same data.
+    """
+    n = spec.n_train if n is None else n
+    kx, ky = jax.random.split(jax.random.key(seed))
+    shape = (n, *spec.input_shape)
+
+    @jax.jit
+    def make(kx, ky):
+        if spec.input_dtype == "int32":
+            x = jax.random.randint(kx, shape, 0, spec.vocab_size, jnp.int32)
+        else:
+            x = jax.random.uniform(kx, shape, jnp.dtype(spec.input_dtype))
+        return x, jax.random.randint(ky, (n,), 0, spec.num_classes, jnp.int32)
+
+    return TrainingSet(*make(kx, ky))
+
+
+def load_training_set(spec: DatasetSpec, source: str, *, seed: int, limit: int | None = None,
+                      cache_dir: str | None = None, download: bool = True) -> TrainingSet:
+    """The training set for ``spec`` on the device, optionally only its first ``limit`` rows."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown data source {source!r}; valid: {', '.join(SOURCES)}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"data.limit must be a positive integer, got {limit}")
+    if source == "synthetic":
+        n = spec.n_train if limit is None else min(limit, spec.n_train)
+        return synthetic(spec, seed, n)
+    from ablation import datasets  # real files: only imported when asked for
+
+    x, y = datasets.load(spec.name, cache_dir=cache_dir, download=download)
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    return TrainingSet(jax.device_put(x), jax.device_put(y))
+
+
+class ShuffleSampler:
+    """Fixed-size batches from a fresh permutation each epoch (the remainder is dropped).
+
+    ``batch(i)`` is batch ``i`` of the run: epoch ``i // steps_per_epoch``, position
+    ``i % steps_per_epoch``. The permutation and the gather are compiled device work.
+    """
+
+    def __init__(self, data: TrainingSet, batch_size: int, seed: int):
+        if batch_size > data.size:
+            raise ValueError(f"batch_size {batch_size} exceeds the training set "
+                             f"({data.size} examples)")
+        self.data = data
+        self.batch_size = batch_size
+        self.steps_per_epoch = data.size // batch_size
+        self._key = jax.random.key(seed)
+        self._epoch = -1
+        self._perm = None
+
+        @jax.jit
+        def take(x, y, perm, start):
+            idx = jax.lax.dynamic_slice_in_dim(perm, start, batch_size)
+            return jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0)
+
+        self._take = take
+        self._permute = jax.jit(lambda key, n=data.size: jax.random.permutation(key, n))
+
+    def batch(self, i: int) -> Batch:
+        epoch, pos = divmod(i, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._perm = self._permute(jax.random.fold_in(self._key, epoch))
+            self._epoch = epoch
+        x, y = self._take(self.data.x, self.data.y, self._perm, pos * self.batch_size)
+        return Batch(x, y)
+
+
+def poisson_capacity(expected_batch: float, n: int, sigmas: float) -> int:
+    """Padded capacity: the expected batch size plus ``sigmas`` binomial standard deviations."""
+    q = expected_batch / n
+    return min(n, int(math.ceil(expected_batch + sigmas * math.sqrt(n * q * (1 - q)))))
+
+
+class PoissonSampler:
+    """Poisson batches padded to a fixed capacity, so one compiled step serves every batch.
+
+    Each example joins a step independently with probability ``q = batch_size / n``. The
+    sampled examples fill the first slots of a ``capacity``-long batch, in random order; the
+    other slots hold real (finite) examples with mask 0. When more than ``capacity`` examples
+    are sampled (rare), a uniformly random subset of ``capacity`` of them is kept; the
+    overflow is counted in ``overflow_steps`` and accounted by the PLD accountant.
+    """
+
+    def __init__(self, data: TrainingSet, batch_size: int, seed: int, capacity: int):
+        if batch_size > data.size:
+            raise ValueError(f"batch_size {batch_size} exceeds the training set "
+                             f"({data.size} examples)")
+        if capacity < batch_size:
+            raise ValueError(f"Poisson capacity {capacity} is below the expected batch size "
+                             f"{batch_size}")
+        self.data = data
+        self.batch_size = batch_size
+        self.capacity = capacity
+        self.sampling_rate = batch_size / data.size
+        self.steps_per_epoch = data.size // batch_size
+        self._key = jax.random.key(seed)
+        self._counts: list[jax.Array] = []
+        q, n = self.sampling_rate, data.size
+
+        @jax.jit
+        def sample(x, y, key):
+            k_in, k_order = jax.random.split(key)
+            selected = jax.random.uniform(k_in, (n,)) < q
+            # Random priorities: sampled examples in [0, 1), the rest 2. The `capacity` lowest
+            # are the sampled ones in random order (a random subset on overflow), then padding.
+            priority = jnp.where(selected, jax.random.uniform(k_order, (n,)), 2.0)
+            _, idx = jax.lax.top_k(-priority, capacity)
+            mask = (jnp.take(priority, idx) < 2.0).astype(jnp.float32)
+            return (jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0), mask,
+                    jnp.sum(selected.astype(jnp.int32)))
+
+        self._sample = sample
+
+    def batch(self, i: int) -> Batch:
+        x, y, mask, count = self._sample(self.data.x, self.data.y, jax.random.fold_in(self._key, i))
+        self._counts.append(count)
+        return Batch(x, y, mask)
+
+    def stats(self) -> dict:
+        """Sampled batch sizes so far: mean, max and how many steps overflowed the capacity."""
+        counts = np.asarray(jax.device_get(self._counts)) if self._counts else np.zeros(0)
+        return {
+            "capacity": self.capacity,
+            "poisson_mean_batch": float(counts.mean()) if counts.size else None,
+            "poisson_max_batch": int(counts.max()) if counts.size else None,
+            "poisson_overflow_steps": int((counts > self.capacity).sum()),
+        }

@@ -1,0 +1,75 @@
+"""Classify a failure as out-of-memory or another error, by type and status, never by log text.
+
+Out of memory is: Python's ``MemoryError`` (numpy and host allocations), a JAX runtime error
+whose XLA status code is ``RESOURCE_EXHAUSTED`` (the code XLA's allocators return when a
+buffer does not fit; JAX exposes the status only as the code that leads the exception's
+message, so that structured prefix is what is compared), PyTorch's ``OutOfMemoryError``, or a
+worker process that died by a kill signal while running under a memory cap.
+"""
+
+from __future__ import annotations
+
+import signal
+
+#: XLA's canonical status code for an allocation that did not fit.
+RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+
+
+def _jax_runtime_error_types() -> tuple[type, ...]:
+    types: list[type] = []
+    try:
+        import jax
+        types.append(jax.errors.JaxRuntimeError)
+    except (ImportError, AttributeError):
+        pass
+    try:  # older jaxlib names it XlaRuntimeError
+        from jaxlib.xla_extension import XlaRuntimeError  # type: ignore[import-not-found]
+        types.append(XlaRuntimeError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def xla_status_code(error: BaseException) -> str | None:
+    """The XLA status code a JAX runtime error carries (e.g. ``RESOURCE_EXHAUSTED``)."""
+    types = _jax_runtime_error_types()
+    if not types or not isinstance(error, types):
+        return None
+    code, sep, _ = str(error).partition(":")
+    return code.strip() if sep and code.strip().isupper() else None
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True when ``error`` is an allocation failure (see the module docstring)."""
+    if isinstance(error, MemoryError):
+        return True
+    if xla_status_code(error) == RESOURCE_EXHAUSTED:
+        return True
+    torch_oom = _torch_oom_type()
+    return torch_oom is not None and isinstance(error, torch_oom)
+
+
+def _torch_oom_type() -> type | None:
+    import sys
+    torch = sys.modules.get("torch")  # only if the worker already uses torch
+    return getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+
+
+def status_of(error: BaseException) -> str:
+    """``oom`` or ``error`` for an exception raised in a cell."""
+    return "oom" if is_out_of_memory(error) else "error"
+
+
+def status_of_exit(returncode: int, *, memory_capped: bool) -> tuple[str, str]:
+    """Status and a one-line reason for a worker that ended without writing its result.
+
+    A worker killed by a signal under a memory cap ran out of memory (the kernel's OOM killer
+    sends SIGKILL; an allocator that aborts sends SIGABRT); anything else is an error.
+    """
+    if returncode < 0:
+        sig = signal.Signals(-returncode)
+        if memory_capped and sig in (signal.SIGKILL, signal.SIGABRT, signal.SIGSEGV,
+                                     signal.SIGBUS):
+            return "oom", f"worker killed by {sig.name} under the memory cap"
+        return "error", f"worker killed by {sig.name}"
+    return "error", f"worker exited with code {returncode} without writing a result"

@@ -1,0 +1,87 @@
+"""Run a worker task in a fresh child process, with a time limit and an optional memory cap."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from ablation.failures import status_of_exit
+from ablation.results import read_json, write_json
+
+
+@dataclasses.dataclass(frozen=True)
+class ChildOutcome:
+    """How a worker ended. ``result`` is what it wrote, or a status record made for it."""
+
+    result: dict[str, Any]
+    returncode: int | None
+    wall_s: float
+    timed_out: bool
+
+
+def _limit_memory(limit_bytes: int) -> None:
+    """In the child, before exec: cap its heap (RLIMIT_DATA covers malloc and anonymous mmap)."""
+    resource.setrlimit(resource.RLIMIT_DATA, (limit_bytes, limit_bytes))
+
+
+def run_worker(spec: Mapping[str, Any], workdir: str | os.PathLike, *, timeout_s: float,
+               name: str = "cell", env: Mapping[str, str] | None = None,
+               memory_limit_bytes: int | None = None) -> ChildOutcome:
+    """Run ``python -m ablation.worker`` on ``spec`` in ``workdir`` and wait at most ``timeout_s``.
+
+    The child inherits stdout/stderr (its progress bar shows live). On timeout its whole
+    process group is killed and the result says ``timeout``; a child that dies without writing
+    a result gets a status from its exit (see :func:`ablation.failures.status_of_exit`).
+    """
+    workdir = Path(workdir)
+    spec_path = write_json(workdir / f"{name}.spec.json", spec)
+    out_path = workdir / f"{name}.out.json"
+    out_path.unlink(missing_ok=True)
+    child_env = dict(os.environ)
+    child_env.update(env or {})
+    child_env.setdefault("PYTHONUNBUFFERED", "1")
+    # Started as a module from the repository's own package, whatever the caller's cwd.
+    root = str(Path(__file__).resolve().parent.parent)
+    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, child_env.get("PYTHONPATH")) if p)
+    preexec = None
+    if memory_limit_bytes is not None:
+        preexec = lambda: _limit_memory(memory_limit_bytes)  # noqa: E731
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "ablation.worker", str(spec_path),
+                             str(out_path)], env=child_env, start_new_session=True,
+                            preexec_fn=preexec)
+    timed_out = False
+    try:
+        returncode = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        _kill_group(proc)
+        returncode = proc.wait()
+    except BaseException:  # Ctrl-C in the parent: take the child down with it
+        _kill_group(proc)
+        proc.wait()
+        raise
+    wall_s = time.perf_counter() - start
+    if timed_out:
+        result = {"status": "timeout", "error": f"cell ran past its {timeout_s:g} s limit"}
+    elif out_path.exists():
+        result = read_json(out_path)
+        out_path.unlink()  # merged into the job's result.json by the caller
+    else:
+        status, reason = status_of_exit(returncode, memory_capped=memory_limit_bytes is not None)
+        result = {"status": status, "error": reason}
+    return ChildOutcome(result=result, returncode=returncode, wall_s=wall_s, timed_out=timed_out)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

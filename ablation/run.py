@@ -1,0 +1,51 @@
+"""``python -m ablation.run [overrides]``: time one cell; ``-m`` sweeps a grid.
+
+Examples::
+
+    python -m ablation.run                                    # ffnn, engine both, batch 64
+    python -m ablation.run -m engine=jit,vmap,both,none       # the four-engine ablation
+    python -m ablation.run -m engine=both,jit model=cnn batch_size=16,64,256 private=true,false
+    python -m ablation.run -m +experiment=ablation            # a paper experiment
+
+The thin Hydra shell: it validates the config, then hands a typed cell to
+:func:`ablation.jobs.run_timing_job`, which runs it in a fresh worker process.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from ablation.config import ConfigError, cell_from_dict
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def config_or_exit(cfg: DictConfig):
+    """The plain resolved config and its typed cell; bad values exit 2 with one line."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        return plain, cell_from_dict(plain)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    from ablation.jobs import run_timing_job
+    plain, cell = config_or_exit(cfg)
+    hydra_cfg = HydraConfig.get()
+    record = run_timing_job(cell, plain, hydra_cfg.runtime.output_dir, resume=cfg.resume,
+                            resume_root=cfg.paths.output_dir)
+    if hydra_cfg.mode == RunMode.RUN and record.get("status") != "ok":
+        sys.exit(1)  # a single failed cell fails the command; a sweep goes on
+
+
+if __name__ == "__main__":
+    main()

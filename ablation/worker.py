@@ -1,0 +1,80 @@
+"""The child process that measures one cell: ``python -m ablation.worker SPEC OUT``.
+
+Each cell runs in a fresh process, so no cell's compile caches, allocator state or failures
+reach the next. SPEC is a JSON file written by the parent; OUT receives the measurement (or
+the status and one-line error of the failure) atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from typing import Any, Callable
+
+
+def _isolate_jax() -> None:
+    """No persistent compilation cache: every cell pays (and reports) its own compile."""
+    import jax
+    for option, value in (("jax_enable_compilation_cache", False),):
+        try:
+            jax.config.update(option, value)
+        except (AttributeError, KeyError, ValueError):
+            pass
+
+
+def run_task(spec: dict[str, Any]) -> dict[str, Any]:
+    """Dispatch a spec to the function that handles its task."""
+    task = spec["task"]
+    handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+        "timing": _timing,
+        "memory_try": _memory_try,
+    }
+    return handlers[task](spec)
+
+
+def _timing(spec: dict[str, Any]) -> dict[str, Any]:
+    from ablation.config import cell_from_plain
+    cell = cell_from_plain(spec["cell"])
+    if cell.engine == "opacus":
+        from ablation.torch_ref import time_cell_torch
+        return time_cell_torch(cell, spec["noise_multiplier"])
+    from ablation.timing import time_cell
+    return time_cell(cell, spec["noise_multiplier"])
+
+
+def _memory_try(spec: dict[str, Any]) -> dict[str, Any]:
+    from ablation.config import cell_from_plain
+    from ablation.probe import try_batch
+    return try_batch(cell_from_plain(spec["cell"]), spec["noise_multiplier"],
+                     spec["batch_size"], predict_only=spec.get("predict_only", False))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("spec")
+    parser.add_argument("out")
+    args = parser.parse_args(argv)
+
+    from ablation.failures import status_of
+    from ablation.results import environment, one_line, read_json, write_json
+
+    spec = read_json(args.spec)
+    _isolate_jax()
+    try:
+        result = run_task(spec)
+        result.setdefault("status", "ok")
+        result.setdefault("error", None)
+    except Exception as error:  # noqa: BLE001 - every failure becomes a record
+        traceback.print_exc(file=sys.stderr)
+        result = {"status": status_of(error), "error": one_line(error)}
+    try:
+        result["env"] = environment()
+    except Exception as error:  # noqa: BLE001
+        result["env"] = {"error": one_line(error)}
+    write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

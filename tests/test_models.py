@@ -1,0 +1,75 @@
+"""The registry: the paper's parameter counts, dataset specs, output shapes and bad names."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import DATASETS, MODEL_NAMES, MODELS, count_params, get_model
+
+PAPER_COUNTS = {"logreg": 105, "ffnn": 5_352, "cnn": 26_010, "embed": 160_370,
+                "lstm": 1_081_002, "cifar10": 605_226}
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_parameter_count_equals_paper(name):
+    params = MODELS[name].init(jax.random.key(0))
+    assert count_params(params) == PAPER_COUNTS[name] == MODELS[name].paper_n_params
+
+
+def test_dynamic_lstm_has_the_same_parameters():
+    static = get_model("lstm").init(jax.random.key(0))
+    dynamic = get_model("lstm", unroll="dynamic").init(jax.random.key(0))
+    assert jax.tree.structure(static) == jax.tree.structure(dynamic)
+    x = jax.random.randint(jax.random.key(1), (2, 256), 0, 10_000)
+    a = get_model("lstm").logits(static, x)
+    b = get_model("lstm", unroll="dynamic").logits(static, x)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_full_size_forward_shapes_and_scalar_loss(name):
+    model = MODELS[name]
+    spec = model.dataset
+    params = model.init(jax.random.key(0))
+    x = jnp.zeros((3, *spec.input_shape), spec.input_dtype)
+    logits = model.logits(params, x)
+    assert logits.shape == (3, 1 if model.binary_logit else spec.num_classes)
+    loss = model.loss(params, x[0], jnp.int32(1))
+    assert loss.shape == () and np.isfinite(float(loss))
+    assert model.predict(params, x).shape == (3,)
+
+
+def test_dataset_specs():
+    assert {d: DATASETS[d].n_train for d in DATASETS} == {
+        "adult": 45_220, "mnist": 60_000, "imdb": 25_000, "cifar10": 50_000}
+    assert DATASETS["adult"].input_shape == (104,)
+    assert DATASETS["mnist"].input_shape == (28, 28, 1)
+    assert DATASETS["imdb"].input_shape == (256,) and DATASETS["imdb"].input_dtype == "int32"
+    assert DATASETS["cifar10"].input_shape == (32, 32, 3)
+    assert MODELS["logreg"].binary_logit and not MODELS["ffnn"].binary_logit
+
+
+def test_losses_match_textbook_cross_entropy():
+    logits = jnp.array([[2.0, -1.0]])
+    ffnn = MODELS["ffnn"]
+    # Softmax CE of label 0: -log(e^2 / (e^2 + e^-1)).
+    expected = -np.log(np.exp(2) / (np.exp(2) + np.exp(-1)))
+    from models.registry import sigmoid_cross_entropy, softmax_cross_entropy
+    assert float(softmax_cross_entropy(logits[0], jnp.int32(0))) == pytest.approx(expected, rel=1e-6)
+    # Sigmoid CE of logit z with label 1: -log σ(z); label 0: -log(1 - σ(z)); stable at |z| = 100.
+    for z, label in [(0.3, 1), (0.3, 0), (100.0, 0), (-100.0, 1)]:
+        p = 1 / (1 + np.exp(-z))
+        exact = -np.log(p) if label else -np.log1p(-p) if p < 1 else z
+        got = float(sigmoid_cross_entropy(jnp.array([z]), jnp.int32(label)))
+        assert got == pytest.approx(exact, rel=1e-5)
+    assert ffnn.dataset.num_classes == 2
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(ValueError, match="logreg, ffnn, cnn, embed, lstm, cifar10"):
+        get_model("resnet")
+    with pytest.raises(ValueError, match="static, dynamic"):
+        get_model("lstm", unroll="sideways")

@@ -1,0 +1,198 @@
+"""The sweep runner end to end: records, failures, resume, independence, config errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+
+from ablation import results
+from ablation.config import ConfigError, cell_from_dict
+from ablation.jobs import MEASUREMENT_FIELDS
+from ablation.run import CONF_DIR
+from ablation.summary import format_summary, summary_table
+from tests.cli import QUICK, run_cli
+
+#: Fields DESIGN.md promises in every timing record.
+DESIGN_FIELDS = ("schema", "kind", "status", "error", "engine", "loop", "model", "dataset", "data",
+                 "batch_size", "private", "n_params", "steps_per_epoch", "compile_s",
+                 "first_step_s", "step_times_s", "median_step_s", "epoch_times_s",
+                 "median_epoch_s", "epoch_estimated", "epsilon", "delta", "env", "config",
+                 "started_at")
+ENV_FIELDS = ("jax", "jaxlib", "haiku", "optax", "platform", "device_kind", "device_count",
+              "git_sha")
+TINY = ["model=logreg", "batch_size=16", "data.limit=512", *QUICK]
+EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
+
+
+def _compose(overrides: list[str], hydra_cfg: bool = False):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=hydra_cfg)
+
+
+@pytest.mark.parametrize("group, options", [
+    ("engine", ["both", "jit", "vmap", "none", "opacus"]),
+    ("model", ["logreg", "ffnn", "cnn", "embed", "lstm", "cifar10"]),
+    ("data", ["synthetic", "real"]),
+])
+def test_every_group_option_composes_and_validates(group, options):
+    from omegaconf import OmegaConf
+    for option in options:
+        cfg = _compose([f"{group}={option}"])
+        cell = cell_from_dict(OmegaConf.to_container(cfg, resolve=True))
+        assert getattr(cell, group) == option
+
+
+def test_defaults_are_the_papers():
+    from omegaconf import OmegaConf
+    cell = cell_from_dict(OmegaConf.to_container(_compose([]), resolve=True))
+    assert (cell.engine, cell.model, cell.data, cell.batch_size, cell.private) == (
+        "both", "ffnn", "synthetic", 64, True)
+    assert (cell.lr, cell.dp.noise_multiplier, cell.dp.clip_norm, cell.dp.delta) == (
+        0.15, 1.1, 1.0, 1e-5)
+    assert (cell.epochs, cell.seed, cell.timing.mode) == (20, 42, "budget")
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_with_a_sweep(experiment):
+    from omegaconf import OmegaConf
+    cfg = _compose([f"experiment={experiment}"], hydra_cfg=True)
+    params = cfg.hydra.sweeper.params
+    assert params, f"experiment {experiment} defines no grid"
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain.pop("hydra")
+    cell_from_dict(OmegaConf.to_container(OmegaConf.create(plain), resolve=True))
+    header = (Path(CONF_DIR) / "experiment" / f"{experiment}.yaml").read_text()
+    assert "python -m ablation." in header and "Takes about" in header
+
+
+@pytest.mark.parametrize("override, message", [
+    ("batch_size=0", "batch_size must be a positive integer, got 0"),
+    ("timing.max_steps=0", "timing.max_steps must be a positive integer"),
+    ("timing.budget_s=-1", "timing.budget_s must be > 0"),
+    ("optim.lr=-0.1", "optim.lr must be >= 0"),
+    ("dp.noise_multiplier=-1", "dp.noise_multiplier must be >= 0"),
+    ("dp.delta=1.5", "dp.delta must be in (0, 1)"),
+    ("dp.target_epsilon=0", "dp.target_epsilon must be > 0"),
+])
+def test_bad_values_raise_one_line_config_errors(override, message):
+    from omegaconf import OmegaConf
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
+        cell_from_dict(OmegaConf.to_container(_compose([override]), resolve=True))
+    assert "\n" not in str(info.value)
+
+
+def test_bad_value_on_the_command_line_exits_without_traceback(tmp_path):
+    proc = run_cli("ablation.run", "batch_size=-4", output_dir=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: batch_size must be a positive integer, got -4"
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_unknown_engine_lists_the_options(tmp_path):
+    proc = run_cli("ablation.run", "engine=fastest", output_dir=tmp_path)
+    assert proc.returncode != 0
+    assert "Could not find 'engine/fastest'" in proc.stderr
+    for name in ("both", "jit", "vmap", "none"):
+        assert name in proc.stderr
+
+
+def test_tiny_multirun_records_every_field_and_prints_summary(tmp_path):
+    proc = run_cli("ablation.run", "-m", "engine=both,vmap", *TINY, output_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    frame = results.load(tmp_path)
+    assert len(frame) == 2 and set(frame["engine"]) == {"both", "vmap"}
+    for _, record in results.iter_records(tmp_path):
+        assert record["status"] == "ok", record["error"]
+        for field in DESIGN_FIELDS + MEASUREMENT_FIELDS:
+            assert field in record, field
+        for field in ENV_FIELDS:
+            assert field in record["env"], field
+        assert record["steps_per_epoch"] == 512 // 16
+        assert len(record["step_times_s"]) >= 2 and record["median_step_s"] > 0
+        assert record["epoch_estimated"] is True
+        assert record["median_epoch_s"] == pytest.approx(32 * record["median_step_s"])
+        assert record["epsilon"] > 0 and record["delta"] == 1e-5
+        assert record["config"]["engine"]["name"] == record["engine"]
+    both = frame.set_index("engine").loc["both"]
+    vmap = frame.set_index("engine").loc["vmap"]
+    assert both["compile_s"] > 0 and pd.isna(vmap["compile_s"])
+    assert "=== summary" in proc.stdout and "both x" in proc.stdout
+    table = summary_table(frame)
+    assert list(table.loc[table.engine == "both", "both x"]) == [1.0]
+    assert table.loc[table.engine == "vmap", "both x"].iloc[0] > 1.0
+
+
+def test_epochs_mode_reports_first_epoch_apart(tmp_path):
+    proc = run_cli("ablation.run", "engine=both", "timing.mode=epochs", "timing.epochs=3",
+                   "model=logreg", "batch_size=64", "data.limit=256", *QUICK,
+                   output_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (_, record), = list(results.iter_records(tmp_path))
+    assert record["epoch_estimated"] is False and len(record["epoch_times_s"]) == 3
+    assert record["first_epoch_s"] == record["epoch_times_s"][0]
+    assert record["median_epoch_s"] == pytest.approx(sorted(record["epoch_times_s"][1:])[0], rel=1)
+    # 4 steps per epoch, 3 epochs, the first step and one warm-up step are not steady state.
+    assert record["steps_run"] == 12 and len(record["step_times_s"]) == 10
+
+
+def test_failing_cell_does_not_stop_the_sweep(tmp_path):
+    # The middle cell's batch exceeds the 512 examples: its worker raises.
+    proc = run_cli("ablation.run", "-m", "engine=both", "batch_size=8,1024,16", "private=false",
+                   *[a for a in TINY if not a.startswith("batch_size")], output_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    frame = results.load(tmp_path).set_index("batch_size")
+    assert list(frame.sort_index()["status"]) == ["ok", "ok", "error"]
+    error = frame.loc[1024, "error"]
+    assert "exceeds the training set" in error and "\n" not in error
+    assert pd.isna(frame.loc[1024, "median_step_s"])
+
+
+def test_timeout_becomes_a_record(tmp_path):
+    proc = run_cli("ablation.run", "engine=both", *TINY, "timing.timeout_s=0.5",
+                   output_dir=tmp_path)
+    assert proc.returncode == 1  # a single failed cell fails the command
+    (_, record), = list(results.iter_records(tmp_path))
+    assert record["status"] == "timeout" and "0.5 s limit" in record["error"]
+
+
+def test_resume_skips_finished_cells(tmp_path):
+    args = ["-m", "engine=both,vmap", *TINY, "resume=true"]
+    first = run_cli("ablation.run", *args, output_dir=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert len(results.load(tmp_path)) == 2
+    second = run_cli("ablation.run", *args, output_dir=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.count("[resume] skipped") == 2
+    assert len(results.load(tmp_path)) == 2  # no new records
+    assert len(list(tmp_path.rglob(results.SKIPPED_FILE))) == 2
+    assert "both x" in second.stdout  # the summary still shows the skipped cells
+    # A changed config is a different cell: it runs.
+    third = run_cli("ablation.run", "-m", "engine=both", *TINY, "resume=true", "seed=7",
+                    output_dir=tmp_path)
+    assert "[resume] skipped" not in third.stdout
+    assert len(results.load(tmp_path)) == 3
+
+
+def test_same_cell_twice_in_one_sweep_compiles_twice(tmp_path):
+    """Each cell runs in a fresh process: the second copy pays the same compile."""
+    proc = run_cli("ablation.run", "-m", "engine=both", "model=cnn", "seed=1,2",
+                   "data.limit=256", "batch_size=32", *QUICK, output_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    compiles = list(results.load(tmp_path)["compile_s"])
+    assert len(compiles) == 2 and min(compiles) > 0.2
+    assert max(compiles) / min(compiles) < 2.0, compiles
+
+
+def test_summary_marks_failed_cells():
+    frame = pd.DataFrame([
+        dict(kind="timing", status="ok", engine="both", loop=None, model="ffnn", data="synthetic",
+             batch_size=64, private=True, compile_s=1.0, median_step_s=0.001, median_epoch_s=0.7,
+             epsilon=1.0),
+        dict(kind="timing", status="oom", engine="vmap", loop=None, model="ffnn", data="synthetic",
+             batch_size=64, private=True, compile_s=None, median_step_s=None,
+             median_epoch_s=None, epsilon=1.0)])
+    text = format_summary(frame)
+    assert "oom" in text and "both" in text
