@@ -62,7 +62,7 @@ class PrivacyConfig:
     accountant: str = "pld"
     target_epsilon: float | None = None
     sampling: str = "shuffle"
-    capacity_sigmas: float = 3.0
+    capacity_sigmas: float = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +173,7 @@ def cell_from_dict(cfg: Mapping[str, Any]) -> CellConfig:
         target_epsilon=None if target is None else _float(target, "dp.target_epsilon",
                                                           positive=True),
         sampling=_choice(dp.get("sampling", "shuffle"), "dp.sampling", SAMPLINGS),
-        capacity_sigmas=_float(dp.get("capacity_sigmas", 3.0), "dp.capacity_sigmas"),
+        capacity_sigmas=_float(dp.get("capacity_sigmas", 5.0), "dp.capacity_sigmas"),
     )
     if math.isinf(dp_cfg.clip_norm) and dp_cfg.noise_multiplier > 0 and target is None:
         raise ConfigError("dp.noise_multiplier must be 0 when dp.clip_norm is inf")

@@ -119,9 +119,18 @@ def calibrate_noise_multiplier(*, target_epsilon: float, sampling_rate: float, s
                          accountant=accountant, sampling=sampling, target_epsilon=target_epsilon)
     make = _event_factory(sampling_rate=sampling_rate, steps=steps, accountant=accountant,
                           sampling=sampling, n_train=n_train or 0, capacity=capacity)
+    if accountant == "rdp":
+        bracket = dp_accounting.LowerEndpointAndGuess(1e-3, 1.0)
+    else:
+        # PLD is tighter than RDP, so it needs at most RDP's σ; a PLD of a tiny σ would need
+        # gigabytes, so the search is bracketed below RDP's answer instead of near zero.
+        upper = calibrate_noise_multiplier(target_epsilon=target_epsilon,
+                                           sampling_rate=sampling_rate, steps=steps, delta=delta,
+                                           accountant="rdp", sampling=sampling)
+        bracket = dp_accounting.ExplicitBracketInterval(0.5 * upper, upper * 1.001)
     return float(dp_accounting.calibrate_dp_mechanism(
         lambda: _new_accountant(accountant), make, target_epsilon, delta,
-        bracket_interval=dp_accounting.LowerEndpointAndGuess(1e-3, 1.0), tol=1e-4))
+        bracket_interval=bracket, tol=1e-4))
 
 
 def privacy_report(*, noise_multiplier: float, batch_size: int, n_train: int, epochs: int,

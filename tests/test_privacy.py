@@ -1,0 +1,193 @@
+"""Privacy accounting: ε against dp-accounting's primitives and a published value,
+calibration, Poisson batches without recompiles, and bad values."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from dp_accounting.pld import privacy_loss_distribution as pld_lib
+from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
+
+from ablation import ENGINES, LOOPS, clipped_grad_sum, get_engine
+from ablation.config import CellConfig, ConfigError, PrivacyConfig, TimingConfig, cell_from_dict
+from ablation.data import poisson_capacity
+from ablation.jobs import privacy_of
+from ablation.privacy import calibrate_noise_multiplier, epsilon, privacy_report
+from ablation.timing import time_cell
+from models import get_model
+from tests.conftest import flatten, small_batch
+
+SETTINGS = [  # (sigma, batch size, n, epochs)
+    (1.1, 256, 60_000, 20),
+    (1.1, 64, 45_220, 5),
+    (0.8, 128, 25_000, 3),
+]
+
+
+def _steps(batch, n, epochs):
+    return epochs * (n // batch)
+
+
+@pytest.mark.parametrize("sigma, batch, n, epochs", SETTINGS)
+def test_rdp_epsilon_equals_primitive_computation(sigma, batch, n, epochs):
+    q, steps = batch / n, _steps(batch, n, epochs)
+    orders = rdp_lib.DEFAULT_RDP_ORDERS
+    curve = steps * np.array(rdp_lib._compute_rdp_poisson_subsampled_gaussian(q, sigma, orders))
+    expected, _ = rdp_lib.compute_epsilon(orders, curve, 1e-5)
+    got = epsilon(noise_multiplier=sigma, sampling_rate=q, steps=steps, delta=1e-5,
+                  accountant="rdp")
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("sigma, batch, n, epochs", SETTINGS)
+def test_pld_epsilon_equals_primitive_computation(sigma, batch, n, epochs):
+    q, steps = batch / n, _steps(batch, n, epochs)
+    expected = (pld_lib.from_gaussian_mechanism(standard_deviation=sigma, sampling_prob=q,
+                                                value_discretization_interval=1e-4)
+                .self_compose(steps).get_epsilon_for_delta(1e-5))
+    got = epsilon(noise_multiplier=sigma, sampling_rate=q, steps=steps, delta=1e-5,
+                  accountant="pld")
+    assert got == pytest.approx(expected, rel=1e-6)
+    # PLD is tight, RDP an upper bound.
+    assert got <= epsilon(noise_multiplier=sigma, sampling_rate=q, steps=steps, delta=1e-5,
+                          accountant="rdp")
+
+
+def test_published_value_tf_privacy_mnist_tutorial():
+    """TensorFlow Privacy, tutorials/README.md ("Select Parameters", first row): MNIST,
+    n = 60,000, batch 256, noise multiplier 1.12, 60 epochs (steps = 60·60000//256) gives
+    ε = 2.92 at δ = 1e-5 with the RDP (moments) accountant and the classic RDP→DP conversion
+    ε = min_α RDP(α) + log(1/δ)/(α − 1) (Mironov 2017, Prop. 3) over TF Privacy's orders."""
+    q, sigma, steps, delta = 256 / 60_000, 1.12, 60 * 60_000 // 256, 1e-5
+    orders = np.array([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
+    curve = steps * np.array(rdp_lib._compute_rdp_poisson_subsampled_gaussian(q, sigma, orders))
+    classic = float(np.min(curve + np.log(1 / delta) / (orders - 1)))
+    assert round(classic, 2) == 2.92
+    ours = epsilon(noise_multiplier=sigma, sampling_rate=q, steps=steps, delta=delta,
+                   accountant="rdp")
+    # dp-accounting's conversion is tighter than the classic one, never looser.
+    assert 2.0 < ours <= classic
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+@pytest.mark.parametrize("target", [1.0, 8.0])
+def test_calibration_round_trips(accountant, target):
+    common = dict(sampling_rate=256 / 60_000, steps=20 * 234, delta=1e-5, accountant=accountant)
+    sigma = calibrate_noise_multiplier(target_epsilon=target, **common)
+    reached = epsilon(noise_multiplier=sigma, **common)
+    assert reached <= target * (1 + 1e-6)
+    assert reached == pytest.approx(target, rel=0.01)
+    assert epsilon(noise_multiplier=sigma * 0.97, **common) > target  # the smallest such σ
+
+
+def test_zero_noise_has_no_guarantee():
+    assert epsilon(noise_multiplier=0.0, sampling_rate=0.01, steps=10, delta=1e-5) == math.inf
+
+
+def test_report_accounts_the_configured_training_length():
+    report = privacy_report(noise_multiplier=1.1, batch_size=256, n_train=60_000, epochs=20,
+                            delta=1e-5)
+    assert report.accounted_steps == 20 * (60_000 // 256)
+    assert report.sampling_rate == 256 / 60_000 and report.accountant == "pld"
+    assert "approximation" in report.note
+
+
+def test_target_epsilon_records_the_sigma_used():
+    cell = CellConfig(model="cnn", batch_size=256, dp=PrivacyConfig(target_epsilon=2.0))
+    report = privacy_of(cell)
+    assert report.epsilon == pytest.approx(2.0, rel=0.01)
+    assert report.noise_multiplier != cell.dp.noise_multiplier
+
+
+def test_truncation_at_the_capacity_is_charged():
+    n, batch = 60_000, 256
+    common = dict(noise_multiplier=1.1, sampling_rate=batch / n, steps=2000, delta=1e-5)
+    plain = epsilon(**common, sampling="poisson", accountant="pld")
+
+    def truncated(sigmas):
+        return epsilon(**common, sampling="poisson", accountant="pld", n_train=n,
+                       capacity=poisson_capacity(batch, n, sigmas))
+    # At the default 5 standard deviations truncation costs nothing visible; a tight capacity
+    # overflows often and the accountant charges for it.
+    assert truncated(5.0) == pytest.approx(plain, rel=0.01)
+    assert truncated(3.0) > 1.5 * plain
+
+
+# -- Poisson batches ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", [get_engine("jit", loop) for loop in LOOPS] +
+                         [ENGINES[n] for n in ("both", "vmap", "none")],
+                         ids=[f"jit-{l}" for l in LOOPS] + ["both", "vmap", "none"])
+def test_padded_batch_gives_the_same_clipped_sum(engine):
+    model = get_model("cnn")
+    params = model.init(jax.random.key(0))
+    x, y = small_batch(model, 5, seed=1)
+    pad_x = jnp.concatenate([x, x[:3]])  # padded slots hold real examples ...
+    pad_y = jnp.concatenate([y, y[:3]])
+    mask = jnp.array([1.0] * 5 + [0.0] * 3)  # ... with mask 0
+    unpadded = flatten(clipped_grad_sum(engine, model.loss, params, x, y, 0.5))
+    padded = flatten(clipped_grad_sum(engine, model.loss, params, pad_x, pad_y, 0.5, mask=mask))
+    np.testing.assert_allclose(padded, unpadded, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("engine", ["both", "jit"])
+def test_fifty_step_poisson_run_compiles_once(engine):
+    cell = CellConfig(engine=engine, model="logreg", batch_size=32, data_limit=2_000,
+                      dp=PrivacyConfig(sampling="poisson"),
+                      timing=TimingConfig(max_steps=48, warmup_steps=1, budget_s=600,
+                                          progress=False))
+    record = time_cell(cell, noise_multiplier=1.1)
+    assert record["steps_run"] == 50
+    assert record["n_compiles"] == record["compiled_functions"]  # each function compiled once
+    assert record["capacity"] == poisson_capacity(32, 2_000, 5.0)
+    assert 24 < record["poisson_mean_batch"] < 40  # Binomial(2000, 0.016): mean 32, sd 5.6
+    assert record["poisson_overflow_steps"] == 0
+
+
+def test_poisson_sampler_masks_and_overflow():
+    from ablation.data import PoissonSampler, synthetic
+    from models import DATASETS
+    data = synthetic(DATASETS["adult"], seed=0, n=1_000)
+    # A capacity equal to the expected batch overflows about half the time.
+    sampler = PoissonSampler(data, batch_size=100, seed=3, capacity=100)
+    masks = [np.asarray(sampler.batch(i).mask) for i in range(40)]
+    stats = sampler.stats()
+    assert 5 < stats["poisson_overflow_steps"] < 35
+    for mask in masks:
+        assert set(np.unique(mask)) <= {0.0, 1.0}
+        k = int(mask.sum())  # sampled examples fill the first slots
+        assert mask[:k].all() and not mask[k:].any()
+
+
+# -- bad values --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(delta=1.0), "dp.delta must be in (0, 1), got 1.0"),
+    (dict(delta=0.0), "dp.delta must be in (0, 1)"),
+    (dict(sampling_rate=1.5), "sampling rate q = batch_size / n_train must be in (0, 1], got 1.5"),
+    (dict(accountant="moments"), "dp.accountant must be one of pld, rdp"),
+])
+def test_bad_privacy_values_are_one_line_errors(kwargs, message):
+    args = dict(noise_multiplier=1.0, sampling_rate=0.01, steps=10, delta=1e-5) | kwargs
+    with pytest.raises(ValueError) as info:
+        epsilon(**args)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bad_target_epsilon():
+    with pytest.raises(ValueError, match="dp.target_epsilon must be a finite number > 0, got -1"):
+        calibrate_noise_multiplier(target_epsilon=-1, sampling_rate=0.01, steps=10, delta=1e-5)
+    with pytest.raises(ConfigError, match="dp.target_epsilon must be > 0"):
+        cell_from_dict({"dp": {"target_epsilon": 0}})
+
+
+def test_batch_larger_than_dataset_is_reported_before_running():
+    cell = CellConfig(model="ffnn", batch_size=100, data_limit=50)
+    with pytest.raises(ValueError, match=r"in \(0, 1\], got 2.0"):
+        privacy_of(cell)
