@@ -25,7 +25,7 @@ MEASUREMENT_FIELDS = (
     "n_params", "n_train", "steps_per_epoch", "compile_s", "first_step_s", "step_times_s",
     "median_step_s", "iqr_step_s", "epoch_times_s", "first_epoch_s", "median_epoch_s",
     "epoch_estimated", "steps_timed", "steps_run", "n_compiles", "compiled_functions",
-    "loss_start", "loss_end", "device_peak_bytes")
+    "loss_start", "loss_end", "test_accuracy", "device_peak_bytes")
 
 
 def training_size(cell: CellConfig) -> int:
@@ -112,6 +112,10 @@ def run_timing_job(cell: CellConfig, config: Mapping[str, Any], job_dir: str | P
         report = None
         record.update(status="error", error=one_line(error))
     record.update(_privacy_fields(report, cell))
+    if record["status"] is None and cell.data == "real":
+        error = fetch_real_data(cell)
+        if error:
+            record.update(status="error", error=error)
     if record["status"] is None:
         sigma = report.noise_multiplier if report else cell.dp.noise_multiplier
         outcome = run_worker({"task": "timing", "cell": cell.to_dict(), "noise_multiplier": sigma},
@@ -124,6 +128,16 @@ def run_timing_job(cell: CellConfig, config: Mapping[str, Any], job_dir: str | P
     write_json(job_dir / RESULT_FILE, record)
     print(describe(record), flush=True)
     return record
+
+
+def fetch_real_data(cell: CellConfig) -> str | None:
+    """Download and verify the cell's real dataset in the parent; a one-line error or None."""
+    from ablation.datasets import DatasetUnavailable, fetch_all
+    try:
+        fetch_all(get_model(cell.model).dataset.name, cell.data_cache_dir, download=cell.download)
+    except DatasetUnavailable as error:
+        return one_line(error)
+    return None
 
 
 def describe(record: Mapping[str, Any]) -> str:

@@ -180,6 +180,8 @@ def time_cell(cell: CellConfig, noise_multiplier: float) -> dict[str, Any]:
 
     params_end = clock.state[0]
     loss_end = float(mean_loss(params_end, eval_x, eval_y))
+    if cell.data == "real":
+        fields["test_accuracy"] = _test_accuracy(model, params_end, cell)
     fields.update(
         n_params=n_params, n_train=data.size, steps_per_epoch=spe, compile_s=compile_s,
         median_step_s=stats["median"], iqr_step_s=stats["iqr"], steps_timed=len(steps),
@@ -190,6 +192,22 @@ def time_cell(cell: CellConfig, noise_multiplier: float) -> dict[str, Any]:
     if poisson:
         fields.update(sampler.stats())
     return fields
+
+
+def _test_accuracy(model, params, cell: CellConfig) -> float | None:
+    """Accuracy on the real test split (None where the dataset has none, e.g. Adult)."""
+    from ablation import datasets
+    try:
+        x, y = datasets.load(model.dataset.name, split="test", cache_dir=cell.data_cache_dir,
+                             download=cell.download)
+    except datasets.DatasetUnavailable:
+        return None
+    predict = jax.jit(model.predict)
+    correct = 0
+    for start in range(0, len(x), EVAL_EXAMPLES):
+        chunk = jax.device_put(x[start:start + EVAL_EXAMPLES])
+        correct += int(jnp.sum(predict(params, chunk) == jnp.asarray(y[start:start + EVAL_EXAMPLES])))
+    return correct / len(x)
 
 
 def _device_peak_bytes() -> int | None:

@@ -50,6 +50,12 @@ def _memory_try(spec: dict[str, Any]) -> dict[str, Any]:
                      spec["batch_size"], predict_only=spec.get("predict_only", False))
 
 
+def _expected(error: BaseException) -> bool:
+    """Errors whose message says it all (bad input, missing data): no traceback for them."""
+    from ablation.datasets import DatasetUnavailable
+    return isinstance(error, (DatasetUnavailable, ValueError))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("spec")
@@ -66,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         result.setdefault("status", "ok")
         result.setdefault("error", None)
     except Exception as error:  # noqa: BLE001 - every failure becomes a record
-        traceback.print_exc(file=sys.stderr)
+        if _expected(error):
+            print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+        else:
+            traceback.print_exc(file=sys.stderr)
         result = {"status": status_of(error), "error": one_line(error)}
     try:
         result["env"] = environment()
