@@ -9,12 +9,19 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 
-def _report(folder: Path, kind: str) -> None:
-    from ablation.summary import format_summary, summary_table, sweep_records
+def _report(folder: Path) -> None:
+    from ablation.summary import sweep_records
     frame = sweep_records(folder)
-    if frame.empty or not (frame.get("kind") == kind).any():
+    if frame.empty:
         return
-    frame = frame[frame["kind"] == kind]
+    for kind in ("timing", "memory"):
+        part = frame[frame["kind"] == kind]
+        if not part.empty:
+            _report_kind(folder, part, kind)
+
+
+def _report_kind(folder: Path, frame, kind: str) -> None:
+    from ablation.summary import format_summary, summary_table
     if kind == "timing":
         text = format_summary(frame)
         summary_table(frame).to_csv(folder / "summary.csv", index=False)
@@ -26,13 +33,10 @@ def _report(folder: Path, kind: str) -> None:
 
 
 class SummaryCallback(Callback):
-    """Prints the summary table of the run (``kind`` selects timing or memory records)."""
-
-    def __init__(self, kind: str = "timing") -> None:
-        self.kind = kind
+    """Prints the summary tables (timing and/or memory) of the run or sweep that ended."""
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
-        _report(Path(config.hydra.runtime.output_dir), self.kind)
+        _report(Path(config.hydra.runtime.output_dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        _report(Path(config.hydra.sweep.dir), self.kind)
+        _report(Path(config.hydra.sweep.dir))

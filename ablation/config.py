@@ -205,3 +205,22 @@ def cell_from_plain(d: Mapping[str, Any]) -> CellConfig:
     d["dp"] = PrivacyConfig(**d["dp"])
     d["timing"] = TimingConfig(**d["timing"])
     return CellConfig(**d)
+
+
+def probe_settings_from_dict(memory: Mapping[str, Any] | None):
+    """Validate the ``memory`` section into :class:`ablation.probe.ProbeSettings`."""
+    from ablation.probe import ProbeSettings
+    m = dict(memory or {})
+    limit = m.get("limit_gb", 2.0)
+    growth = _float(m.get("growth", 2.0), "memory.growth", positive=True)
+    if growth <= 1:
+        raise ConfigError(f"memory.growth must be > 1, got {growth!r}")
+    return ProbeSettings(
+        start=_int(m.get("start", 16), "memory.start", minimum=1),
+        growth=growth,
+        resolution=_float(m.get("resolution", 0.05), "memory.resolution", positive=True),
+        max_batch_size=_int(m.get("max_batch_size", 1 << 20), "memory.max_batch_size", minimum=1),
+        limit_gb=None if limit is None else _float(limit, "memory.limit_gb", positive=True),
+        predict_only=_bool(m.get("predict_only", False), "memory.predict_only"),
+        timeout_s=_float(m.get("timeout_s", 600.0), "memory.timeout_s", positive=True),
+    )

@@ -187,6 +187,11 @@ class Step:
                 params, opt_state, total, key, self._denominator(x)).compile()
         return time.perf_counter() - start
 
+    @property
+    def executables(self) -> list[Any]:
+        """The ahead-of-time compiled executables (empty before :meth:`compile`)."""
+        return list(self._compiled.values())
+
     # -- running -----------------------------------------------------------------------------
 
     def __call__(self, params: PyTree, opt_state: PyTree, x: jax.Array, y: jax.Array,

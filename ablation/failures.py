@@ -1,10 +1,10 @@
 """Classify a failure as out-of-memory or another error, by type and status, never by log text.
 
-Out of memory is: Python's ``MemoryError`` (numpy and host allocations), a JAX runtime error
-whose XLA status code is ``RESOURCE_EXHAUSTED`` (the code XLA's allocators return when a
+Out of memory is: Python's ``MemoryError`` (numpy and host allocations), an XLA runtime
+error whose status code is ``RESOURCE_EXHAUSTED`` (the code XLA's allocators return when a
 buffer does not fit; JAX exposes the status only as the code that leads the exception's
 message, so that structured prefix is what is compared), PyTorch's ``OutOfMemoryError``, or a
-worker process that died by a kill signal while running under a memory cap.
+worker process that died by a signal while running under a memory cap.
 """
 
 from __future__ import annotations
@@ -15,28 +15,25 @@ import signal
 RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
 
 
-def _jax_runtime_error_types() -> tuple[type, ...]:
-    types: list[type] = []
-    try:
-        import jax
-        types.append(jax.errors.JaxRuntimeError)
-    except (ImportError, AttributeError):
-        pass
-    try:  # older jaxlib names it XlaRuntimeError
-        from jaxlib.xla_extension import XlaRuntimeError  # type: ignore[import-not-found]
-        types.append(XlaRuntimeError)
-    except ImportError:
-        pass
-    return tuple(types)
+#: absl status codes, as XLA's runtime errors lead their messages with them.
+STATUS_CODES = frozenset({
+    "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+    "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+    "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+    "UNAUTHENTICATED"})
 
 
 def xla_status_code(error: BaseException) -> str | None:
-    """The XLA status code a JAX runtime error carries (e.g. ``RESOURCE_EXHAUSTED``)."""
-    types = _jax_runtime_error_types()
-    if not types or not isinstance(error, types):
+    """The XLA status code an error raised by the runtime carries, e.g. ``RESOURCE_EXHAUSTED``.
+
+    JAX raises ``JaxRuntimeError`` (asynchronous dispatch) or ``ValueError`` (synchronous CPU
+    dispatch) for a failed XLA status and exposes the status only as the code that leads the
+    message; that structured prefix is read, nothing else of the text.
+    """
+    if not isinstance(error, (RuntimeError, ValueError)):
         return None
     code, sep, _ = str(error).partition(":")
-    return code.strip() if sep and code.strip().isupper() else None
+    return code if sep and code in STATUS_CODES else None
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -76,7 +76,7 @@ def base_record(cell: CellConfig, config: Mapping[str, Any], kind: str) -> dict[
         "private": cell.private, "clip_norm": cell.dp.clip_norm, "lr": cell.lr,
         "seed": cell.seed, "epochs": cell.epochs, "timing_mode": cell.timing.mode,
         "n_params": model.paper_n_params, "n_train": n, "steps_per_epoch": n // cell.batch_size,
-        "config": dict(config), "config_hash": config_hash(config), "started_at": now_iso(),
+        "config": dict(config), "config_hash": config_hash(config, kind), "started_at": now_iso(),
     }
 
 
@@ -159,3 +159,106 @@ def describe(record: Mapping[str, Any]) -> str:
         parts.append(f"eps {eps:.2f}" if isinstance(eps, float) and math.isfinite(eps)
                      else f"eps {eps}")
     return f"{head}: " + ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory probe jobs.
+
+
+#: Environment of a CPU memory try. glibc: a fixed mmap threshold (no dynamic growth) makes
+#: every large buffer its own mapping, returned on free, so the data size under the cap tracks
+#: live buffers rather than heap fragmentation left by the warm-up step.
+PROBE_CPU_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def device_info(job_dir: Path) -> dict[str, Any]:
+    """Platform and memory of the accelerator, asked of a worker (the parent never touches it)."""
+    outcome = run_worker({"task": "device_info"}, job_dir, name="device", timeout_s=300,
+                         env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
+    if outcome.result.get("status") != "ok":
+        raise RuntimeError(f"could not query the device: {outcome.result.get('error')}")
+    return outcome.result
+
+
+def _describe_try(cell: CellConfig, t: Any) -> str:
+    parts = [t.status]
+    if t.peak_bytes is not None:
+        parts.append(f"peak {t.peak_bytes / (1 << 20):.0f} MiB")
+    if t.predicted_bytes is not None:
+        parts.append(f"predicted {t.predicted_bytes / (1 << 20):.0f} MiB")
+    if t.error and t.status != "ok":
+        parts.append(t.error)
+    return f"[memory] {cell.engine} {cell.model} B={t.batch_size}: " + ", ".join(parts)
+
+
+def run_memory_job(cell: CellConfig, settings: Any, config: Mapping[str, Any],
+                   job_dir: str | Path, *, resume: bool = False,
+                   resume_root: str | Path = "outputs") -> dict[str, Any]:
+    """Probe the largest batch size of ``cell`` under ``settings``; writes ``result.json``.
+
+    Raises:
+      ValueError: the cap exceeds the machine's (or device's) memory, before any try runs.
+    """
+    from ablation.probe import Try, search
+
+    job_dir = Path(job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    record = base_record(cell, config, "memory")
+    if resume:
+        done = skip_if_done(record["config_hash"], "memory", job_dir, Path(resume_root))
+        if done is not None:
+            return done
+    info = device_info(job_dir)
+    limit = settings.limit_bytes
+    total = info.get("total_bytes")
+    if limit is not None and total is not None and limit > total:
+        raise ValueError(f"memory.limit_gb={settings.limit_gb:g} exceeds this {info['platform']} "
+                         f"device's {total / (1 << 30):.1f} GiB")
+    on_cpu = info["platform"] == "cpu"
+    env: dict[str, str] = dict(PROBE_CPU_ENV) if on_cpu else {}
+    if not on_cpu and limit is not None and total:
+        # The worker gets exactly the cap: XLA preallocates it and refuses anything beyond.
+        env = {**env, "XLA_PYTHON_CLIENT_PREALLOCATE": "true",
+               "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{limit / total:.4f}"}
+    sigma = cell.dp.noise_multiplier
+    last_env: dict[str, Any] = {}
+
+    def try_size(batch_size: int) -> Try:
+        capped = limit is not None and not settings.predict_only
+        spec = {"task": "memory_try", "cell": cell.to_dict(), "noise_multiplier": sigma,
+                "batch_size": batch_size, "predict_only": settings.predict_only,
+                "cap_bytes": limit if capped and on_cpu else None}
+        outcome = run_worker(spec, job_dir, name=f"try_{batch_size}", env=env,
+                             timeout_s=settings.timeout_s, memory_capped=capped)
+        result = outcome.result
+        last_env.update(result.get("env") or {})
+        t = Try(batch_size=batch_size, status=result.get("status", "error"),
+                peak_bytes=result.get("peak_bytes"), predicted_bytes=result.get("predicted_bytes"),
+                error=result.get("error"), wall_s=outcome.wall_s)
+        if settings.predict_only and t.status == "ok" and limit is not None:
+            if t.predicted_bytes is None:
+                t.status, t.error = "error", "the compiled step gives no memory prediction"
+            elif t.predicted_bytes > limit:
+                t.status, t.error = "oom", "predicted peak exceeds the cap"
+        print(_describe_try(cell, t), flush=True)
+        return t
+
+    outcome = search(try_size, settings)
+    tried = [t.as_dict() for t in outcome["tried"]]
+    predicted_fit = [t["batch_size"] for t in tried if t["predicted_bytes"] is not None
+                     and limit is not None and t["predicted_bytes"] <= limit]
+    record.update(
+        status=outcome["status"], error=outcome["reason"] if outcome["status"] != "ok" else None,
+        max_batch_size=outcome["max_batch_size"], limit_bytes=limit, tried=tried,
+        reached_max=outcome["reached_max"], reason=outcome["reason"],
+        predict_only=settings.predict_only,
+        predicted_max_batch_size=max(predicted_fit) if predicted_fit else None,
+        search={"start": settings.start, "growth": settings.growth,
+                "resolution": settings.resolution, "max_batch_size": settings.max_batch_size},
+        device=info, env=last_env or environment(devices=False), finished_at=now_iso())
+    write_json(job_dir / RESULT_FILE, record)
+    print(f"[{record['status']}] {cell.engine} {cell.model}: max batch size "
+          f"{record['max_batch_size']} under "
+          f"{'no cap' if limit is None else f'{limit / (1 << 30):.2f} GiB'}"
+          + (f" ({record['reason']})" if record["reason"] else ""), flush=True)
+    return record

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -26,37 +25,25 @@ class ChildOutcome:
     timed_out: bool
 
 
-def _limit_memory(limit_bytes: int) -> None:
-    """In the child, before exec: cap its heap (RLIMIT_DATA covers malloc and anonymous mmap)."""
-    resource.setrlimit(resource.RLIMIT_DATA, (limit_bytes, limit_bytes))
-
-
-def run_worker(spec: Mapping[str, Any], workdir: str | os.PathLike, *, timeout_s: float,
-               name: str = "cell", env: Mapping[str, str] | None = None,
-               memory_limit_bytes: int | None = None) -> ChildOutcome:
-    """Run ``python -m ablation.worker`` on ``spec`` in ``workdir`` and wait at most ``timeout_s``.
+def run_process(argv: list[str], *, timeout_s: float, env: Mapping[str, str] | None = None,
+                memory_capped: bool = False, out_path: Path | None = None) -> ChildOutcome:
+    """Run ``argv`` in its own process group, wait at most ``timeout_s``, read ``out_path``.
 
     The child inherits stdout/stderr (its progress bar shows live). On timeout its whole
-    process group is killed and the result says ``timeout``; a child that dies without writing
-    a result gets a status from its exit (see :func:`ablation.failures.status_of_exit`).
+    process group is killed and the result says ``timeout``; a child that ends without writing
+    ``out_path`` gets a status from its exit (:func:`ablation.failures.status_of_exit`), where
+    ``memory_capped`` says it ran under a memory cap (death by signal then means out of memory).
     """
-    workdir = Path(workdir)
-    spec_path = write_json(workdir / f"{name}.spec.json", spec)
-    out_path = workdir / f"{name}.out.json"
-    out_path.unlink(missing_ok=True)
     child_env = dict(os.environ)
     child_env.update(env or {})
     child_env.setdefault("PYTHONUNBUFFERED", "1")
     # Started as a module from the repository's own package, whatever the caller's cwd.
     root = str(Path(__file__).resolve().parent.parent)
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, child_env.get("PYTHONPATH")) if p)
-    preexec = None
-    if memory_limit_bytes is not None:
-        preexec = lambda: _limit_memory(memory_limit_bytes)  # noqa: E731
+    if out_path is not None:
+        out_path.unlink(missing_ok=True)
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "ablation.worker", str(spec_path),
-                             str(out_path)], env=child_env, start_new_session=True,
-                            preexec_fn=preexec)
+    proc = subprocess.Popen(argv, env=child_env, start_new_session=True)
     timed_out = False
     try:
         returncode = proc.wait(timeout=timeout_s)
@@ -71,13 +58,25 @@ def run_worker(spec: Mapping[str, Any], workdir: str | os.PathLike, *, timeout_s
     wall_s = time.perf_counter() - start
     if timed_out:
         result = {"status": "timeout", "error": f"cell ran past its {timeout_s:g} s limit"}
-    elif out_path.exists():
+    elif out_path is not None and out_path.exists():
         result = read_json(out_path)
         out_path.unlink()  # merged into the job's result.json by the caller
     else:
-        status, reason = status_of_exit(returncode, memory_capped=memory_limit_bytes is not None)
+        status, reason = status_of_exit(returncode, memory_capped=memory_capped)
         result = {"status": status, "error": reason}
     return ChildOutcome(result=result, returncode=returncode, wall_s=wall_s, timed_out=timed_out)
+
+
+def run_worker(spec: Mapping[str, Any], workdir: str | os.PathLike, *, timeout_s: float,
+               name: str = "cell", env: Mapping[str, str] | None = None,
+               memory_capped: bool = False) -> ChildOutcome:
+    """Run ``python -m ablation.worker`` on ``spec`` in ``workdir`` (see :func:`run_process`)."""
+    workdir = Path(workdir)
+    spec_path = write_json(workdir / f"{name}.spec.json", spec)
+    out_path = workdir / f"{name}.out.json"
+    return run_process([sys.executable, "-m", "ablation.worker", str(spec_path), str(out_path)],
+                       timeout_s=timeout_s, env=env, memory_capped=memory_capped,
+                       out_path=out_path)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import dp_accounting
-from dp_accounting import dp_event, pld, rdp
+if TYPE_CHECKING:  # dp-accounting (and scipy) load only when something is accounted
+    import dp_accounting
+    from dp_accounting import dp_event
 
 ACCOUNTANTS = ("pld", "rdp")
 SAMPLINGS = ("shuffle", "poisson")
@@ -67,10 +68,12 @@ def check_privacy_inputs(*, delta: float, sampling_rate: float, steps: int, acco
 
 
 def _event_factory(*, sampling_rate: float, steps: int, accountant: str, sampling: str,
-                   n_train: int, capacity: int | None) -> Callable[[float], dp_event.DpEvent]:
+                   n_train: int, capacity: int | None) -> Callable[[float], "dp_event.DpEvent"]:
+    from dp_accounting import dp_event
+
     truncated = sampling == "poisson" and accountant == "pld" and capacity is not None
 
-    def make(noise_multiplier: float) -> dp_event.DpEvent:
+    def make(noise_multiplier: float) -> "dp_event.DpEvent":
         if truncated:
             one = dp_event.TruncatedSubsampledGaussianDpEvent(
                 dataset_size=n_train, sampling_probability=sampling_rate,
@@ -83,7 +86,8 @@ def _event_factory(*, sampling_rate: float, steps: int, accountant: str, samplin
     return make
 
 
-def _new_accountant(name: str) -> dp_accounting.PrivacyAccountant:
+def _new_accountant(name: str) -> "dp_accounting.PrivacyAccountant":
+    from dp_accounting import pld, rdp
     return pld.PLDAccountant() if name == "pld" else rdp.RdpAccountant()
 
 
@@ -117,6 +121,8 @@ def calibrate_noise_multiplier(*, target_epsilon: float, sampling_rate: float, s
     """The smallest σ whose run reaches ε ≤ ``target_epsilon`` at ``delta``."""
     check_privacy_inputs(delta=delta, sampling_rate=sampling_rate, steps=steps,
                          accountant=accountant, sampling=sampling, target_epsilon=target_epsilon)
+    import dp_accounting
+
     make = _event_factory(sampling_rate=sampling_rate, steps=steps, accountant=accountant,
                           sampling=sampling, n_train=n_train or 0, capacity=capacity)
     if accountant == "rdp":

@@ -17,9 +17,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 SCHEMA = "dpsgd-ablation/result/v1"
 RESULT_FILE = "result.json"
@@ -85,9 +86,13 @@ def _drop(d: Mapping[str, Any], dotted: str) -> dict[str, Any]:
     return out
 
 
-def config_hash(config: Mapping[str, Any]) -> str:
-    """A stable identity of what a cell measures: sha256 of its config without volatile keys."""
-    for key in VOLATILE_KEYS:
+#: Sections that belong to the other kind of job (a timing cell ignores ``memory.*``).
+OTHER_KIND_KEYS = {"timing": ("memory",), "memory": ("timing",)}
+
+
+def config_hash(config: Mapping[str, Any], kind: str = "timing") -> str:
+    """A stable identity of what a job measures: sha256 of its config without volatile keys."""
+    for key in VOLATILE_KEYS + ("paths",) + OTHER_KIND_KEYS.get(kind, ()):
         config = _drop(config, key)
     blob = json.dumps(config, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -162,7 +167,7 @@ _FLOAT_FIELDS = ("compile_s", "first_step_s", "median_step_s", "median_epoch_s",
                  "delta", "first_epoch_s", "iqr_step_s")
 
 
-def load(root: str | os.PathLike = "outputs") -> pd.DataFrame:
+def load(root: str | os.PathLike = "outputs") -> "pd.DataFrame":
     """All records under ``root`` as one DataFrame, one row per job.
 
     Nested ``env`` fields are flattened to ``env.<name>`` columns as well as kept whole;
@@ -178,6 +183,8 @@ def load(root: str | os.PathLike = "outputs") -> pd.DataFrame:
             if isinstance(row.get(key), str):  # "inf" as written by write_json
                 row[key] = float(row[key])
         rows.append(row)
+    import pandas as pd
+
     columns = ["schema", "kind", "status", "engine", "loop", "model", "batch_size", "private"]
     frame = pd.DataFrame(rows)
     for col in columns:

@@ -29,6 +29,7 @@ def run_task(spec: dict[str, Any]) -> dict[str, Any]:
     handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
         "timing": _timing,
         "memory_try": _memory_try,
+        "device_info": _device_info,
     }
     return handlers[task](spec)
 
@@ -44,16 +45,40 @@ def _timing(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _memory_try(spec: dict[str, Any]) -> dict[str, Any]:
+    import jax
+    try:  # synchronous dispatch: an allocation failure surfaces where it happens, as itself
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
+    except (AttributeError, KeyError, ValueError):
+        pass
     from ablation.config import cell_from_plain
     from ablation.probe import try_batch
     return try_batch(cell_from_plain(spec["cell"]), spec["noise_multiplier"],
-                     spec["batch_size"], predict_only=spec.get("predict_only", False))
+                     spec["batch_size"], predict_only=spec.get("predict_only", False),
+                     cap_bytes=spec.get("cap_bytes"))
 
 
 def _expected(error: BaseException) -> bool:
-    """Errors whose message says it all (bad input, missing data): no traceback for them."""
+    """Errors whose message says it all (bad input, missing data, out of memory): no traceback."""
     from ablation.datasets import DatasetUnavailable
-    return isinstance(error, (DatasetUnavailable, ValueError))
+    from ablation.failures import is_out_of_memory
+    return isinstance(error, (DatasetUnavailable, ValueError)) or is_out_of_memory(error)
+
+
+def _device_info(spec: dict[str, Any]) -> dict[str, Any]:
+    """The first device's platform, kind and memory in bytes (GPU: what XLA may allocate)."""
+    import os
+    import jax
+    device = jax.devices()[0]
+    total = None
+    if device.platform == "cpu":
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
+        stats = device.memory_stats() or {}
+        fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+        if "bytes_limit" in stats:
+            total = int(stats["bytes_limit"] / fraction)
+    return {"platform": device.platform, "device_kind": device.device_kind,
+            "total_bytes": total}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Mapping
 
 import haiku as hk
@@ -73,8 +74,14 @@ class Model:
 
     def init(self, key: jax.Array) -> PyTree:
         """Parameters initialised from ``key`` (float32)."""
-        x = jnp.zeros((1, *self.dataset.input_shape), self.dataset.input_dtype)
-        return jax.jit(self.net.init)(key, x)  # compiled: eager init of cifar10 takes seconds
+        return self._compiled_init(key)
+
+    @functools.cached_property
+    def _compiled_init(self) -> Callable[[jax.Array], PyTree]:
+        # Compiled (an eager init of cifar10 takes seconds) and kept, so that calling init
+        # again reuses the executable.
+        x = jax.ShapeDtypeStruct((1, *self.dataset.input_shape), self.dataset.input_dtype)
+        return jax.jit(lambda key: self.net.init(key, jnp.zeros(x.shape, x.dtype)))
 
     def logits(self, params: PyTree, x: jax.Array) -> jax.Array:
         """Batched logits: ``x [B, ...] -> [B, K]``."""

@@ -1,0 +1,50 @@
+"""``python -m ablation.memory [overrides]``: the largest batch size that fits in memory.
+
+Examples::
+
+    python -m ablation.memory model=cnn memory.limit_gb=1          # engine both, CPU cap 1 GiB
+    python -m ablation.memory -m engine=both,vmap model=cnn,lstm   # with vs. without XLA
+    python -m ablation.memory engine=both memory.predict_only=true # compile only, run nothing
+
+Same config as ``ablation.run`` (engine, model, private, dp.*) plus ``memory.*``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from ablation.config import ConfigError, probe_settings_from_dict
+from ablation.run import CONF_DIR, config_or_exit
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    from ablation.jobs import run_memory_job
+    plain, cell = config_or_exit(cfg)
+    if cell.is_reference:
+        print("error: the memory probe measures the JAX engines (both, jit, vmap, none)",
+              file=sys.stderr)
+        sys.exit(2)
+    try:
+        settings = probe_settings_from_dict(plain.get("memory"))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    hydra_cfg = HydraConfig.get()
+    try:
+        record = run_memory_job(cell, settings, plain, hydra_cfg.runtime.output_dir,
+                                resume=cfg.resume, resume_root=cfg.paths.output_dir)
+    except ValueError as error:  # a cap above the machine's memory: nothing ran
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if hydra_cfg.mode == RunMode.RUN and record.get("status") != "ok":
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The memory probe: search logic, real capped probes on the CPU, failure classification."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import pytest
+
+from ablation import results
+from ablation.config import CellConfig, PrivacyConfig, probe_settings_from_dict
+from ablation.failures import is_out_of_memory, status_of_exit, xla_status_code
+from ablation.jobs import PROBE_CPU_ENV, run_memory_job
+from ablation.launch import run_process, run_worker
+from ablation.probe import ProbeSettings, Try, gap_allowed, search
+from tests.cli import run_cli
+
+# -- the search, against a fake memory model ------------------------------------------------------
+
+
+def fake(boundary: int, per_example: int = 1000, error_at: int | None = None, predict=True):
+    """try_size for a step that fits up to ``boundary`` examples."""
+    calls = []
+
+    def try_size(b: int) -> Try:
+        calls.append(b)
+        if error_at is not None and b >= error_at:
+            return Try(b, "error", error="ValueError: broken")
+        pred = per_example * b if predict else None
+        return Try(b, "ok" if b <= boundary else "oom", peak_bytes=pred, predicted_bytes=pred)
+    return try_size, calls
+
+
+@pytest.mark.parametrize("boundary", [1, 7, 16, 100, 1000, 12_345])
+def test_search_finds_the_boundary_within_resolution(boundary):
+    try_size, calls = fake(boundary, predict=False)
+    out = search(try_size, ProbeSettings(start=16, resolution=1, limit_gb=None))
+    assert out["status"] == "ok" and out["max_batch_size"] == boundary
+    assert len(calls) == len(set(calls))  # never the same size twice
+
+
+def test_relative_resolution_stops_early():
+    try_size, calls = fake(10_000, predict=False)
+    out = search(try_size, ProbeSettings(start=16, resolution=0.05, limit_gb=None))
+    assert 10_000 * 0.95 <= out["max_batch_size"] <= 10_000
+    assert gap_allowed(1000, ProbeSettings(resolution=0.05)) == 50
+    assert gap_allowed(1000, ProbeSettings(resolution=8)) == 8
+
+
+def test_predictions_guide_the_search():
+    limit = 1 << 20  # per-example 1000 bytes: the cap holds 1048 examples
+    blind, blind_calls = fake(1048, predict=False)
+    guided, guided_calls = fake(1048)
+    settings = ProbeSettings(start=16, resolution=1, limit_gb=limit / (1 << 30))
+    assert search(blind, settings)["max_batch_size"] == 1048
+    assert search(guided, settings)["max_batch_size"] == 1048
+    assert len(guided_calls) < len(blind_calls) / 2
+
+
+def test_nothing_fits_gives_zero_with_reason():
+    try_size, calls = fake(0, predict=False)
+    out = search(try_size, ProbeSettings(start=16, resolution=1, limit_gb=None))
+    assert out["max_batch_size"] == 0 and "batch size 1 does not fit" in out["reason"]
+    assert calls[-1] == 1
+
+
+def test_an_error_stops_the_probe():
+    try_size, _ = fake(10_000, error_at=64, predict=False)
+    out = search(try_size, ProbeSettings(start=16, limit_gb=None))
+    assert out["status"] == "error" and "batch size 64" in out["reason"]
+
+
+def test_max_batch_size_caps_the_growth():
+    try_size, _ = fake(10**9, predict=False)
+    out = search(try_size, ProbeSettings(start=16, max_batch_size=100, limit_gb=None))
+    assert out["max_batch_size"] == 100 and out["reached_max"]
+
+
+def test_bad_memory_settings():
+    from ablation.config import ConfigError
+    with pytest.raises(ConfigError, match="memory.growth must be > 1"):
+        probe_settings_from_dict({"growth": 1.0})
+    with pytest.raises(ConfigError, match="memory.limit_gb must be > 0"):
+        probe_settings_from_dict({"limit_gb": 0})
+
+
+# -- classification of failures ------------------------------------------------------------------
+
+
+def test_oom_is_recognised_by_type_and_status_code():
+    assert is_out_of_memory(MemoryError())
+    assert is_out_of_memory(ValueError("RESOURCE_EXHAUSTED: Out of memory allocating 8 bytes."))
+    assert xla_status_code(RuntimeError("INTERNAL: boom")) == "INTERNAL"
+    assert not is_out_of_memory(ValueError("INTERNAL: something RESOURCE_EXHAUSTED later"))
+    assert not is_out_of_memory(ValueError("shapes differ"))
+    assert status_of_exit(-signal.SIGKILL, memory_capped=True)[0] == "oom"
+    assert status_of_exit(-signal.SIGKILL, memory_capped=False)[0] == "error"
+    assert status_of_exit(3, memory_capped=True)[0] == "error"
+
+
+def test_child_that_dies_under_the_cap_is_oom_and_one_that_raises_is_not(tmp_path):
+    die = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+    assert run_process(die, timeout_s=60, memory_capped=True).result["status"] == "oom"
+    raises = [sys.executable, "-c", "raise ValueError('not memory')"]
+    outcome = run_process(raises, timeout_s=60, memory_capped=True)
+    assert outcome.result["status"] == "error" and outcome.returncode == 1
+    # A worker whose task raises an ordinary error reports it as such, under a cap too.
+    spec = {"task": "memory_try", "cell": {**CellConfig().to_dict(), "model": "nope"},
+            "noise_multiplier": 1.0, "batch_size": 4, "cap_bytes": 1 << 28}
+    outcome = run_worker(spec, tmp_path, timeout_s=120, memory_capped=True)
+    assert outcome.result["status"] == "error" and "nope" in outcome.result["error"]
+
+
+# -- real probes on the CPU ------------------------------------------------------------------------
+
+
+def _probe(tmp_path, model, engine="both", **memory):
+    cell = CellConfig(engine=engine, model=model, dp=PrivacyConfig())
+    settings = ProbeSettings(**{"limit_gb": 0.05, **memory})
+    return cell, settings, run_memory_job(cell, settings, {"model": {"name": model}}, tmp_path)
+
+
+def _retry(tmp_path, cell, settings, batch_size):
+    spec = {"task": "memory_try", "cell": cell.to_dict(), "noise_multiplier": 1.1,
+            "batch_size": batch_size, "cap_bytes": settings.limit_bytes}
+    return run_worker(spec, tmp_path, name=f"recheck_{batch_size}", timeout_s=300,
+                      env=PROBE_CPU_ENV, memory_capped=True).result["status"]
+
+
+# Resolution a few percent: at a gap of one example the CPU boundary is within the noise of
+# the process' own allocations (a size that fit once can fail on a re-run).
+@pytest.mark.parametrize("model, resolution", [("ffnn", 0.04), ("cnn", 0.1)])
+def test_probe_finds_a_maximum_that_fits_and_the_next_size_does_not(tmp_path, model, resolution):
+    cell, settings, record = _probe(tmp_path, model, resolution=resolution)
+    assert record["status"] == "ok", record["reason"]
+    best = record["max_batch_size"]
+    assert best > 16 and not record["reached_max"]
+    failed = min(t["batch_size"] for t in record["tried"] if t["status"] == "oom")
+    gap = gap_allowed(best, settings)
+    assert failed - best <= gap
+    # Checked again, each in a fresh worker: the maximum fits, the next size up (one
+    # resolution step above it, beyond the run-to-run noise of a CPU process) does not.
+    assert _retry(tmp_path, cell, settings, best) == "ok"
+    assert _retry(tmp_path, cell, settings, max(failed, best + gap)) == "oom"
+    # Predicted and measured peak agree at the maximum (XLA's buffer plan is the memory).
+    at_best = next(t for t in record["tried"] if t["batch_size"] == best)
+    assert at_best["predicted_bytes"] > 0 and at_best["peak_bytes"] > 0
+    assert 0.5 < at_best["peak_bytes"] / at_best["predicted_bytes"] < 2.0
+    frame = results.load(tmp_path)
+    assert list(frame["kind"]) == ["memory"] and frame["max_batch_size"].iloc[0] == best
+
+
+def test_non_jit_engine_probe(tmp_path):
+    _, _, record = _probe(tmp_path, "ffnn", engine="vmap", start=256, resolution=0.25)
+    assert record["status"] == "ok" and record["max_batch_size"] >= 256
+    assert all(t["predicted_bytes"] is None for t in record["tried"])
+
+
+def test_predict_only_runs_nothing(tmp_path):
+    _, _, record = _probe(tmp_path, "ffnn", predict_only=True, resolution=0.05)
+    assert record["status"] == "ok" and record["max_batch_size"] > 100
+    assert all(t["peak_bytes"] is None for t in record["tried"])
+    assert record["predicted_max_batch_size"] == record["max_batch_size"]
+
+
+def test_cap_too_small_for_one_example(tmp_path):
+    # embed: 160k parameters, far more than the slack a process heap has under any cap.
+    _, _, record = _probe(tmp_path, "embed", limit_gb=1e-6, start=2)
+    assert record["status"] == "ok" and record["max_batch_size"] == 0
+    assert "batch size 1 does not fit" in record["reason"]
+
+
+def test_cap_above_the_machine_is_refused_before_anything_runs(tmp_path):
+    proc = run_cli("ablation.memory", "memory.limit_gb=1000000", "hydra/job_logging=disabled",
+                   output_dir=tmp_path)
+    assert proc.returncode == 2
+    assert "memory.limit_gb=1e+06 exceeds this cpu device's" in proc.stderr
+    assert "[memory]" not in proc.stdout and "Traceback" not in proc.stderr
+    assert not list(tmp_path.rglob("try_*.spec.json"))
