@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ablation.config import CellConfig
+from ablation.config import CellConfig, TimingConfig
 from ablation.data import Batch, PoissonSampler, ShuffleSampler, load_training_set, poisson_capacity
 from ablation.dpsgd import DPConfig, make_step, sgd
 from ablation.engines import get_engine
@@ -90,6 +90,56 @@ class StepClock:
         return elapsed
 
 
+def run_timing_loop(tick: Callable[[], float], t: TimingConfig, steps_per_epoch: int,
+                    desc: str) -> dict[str, Any]:
+    """Drive ``tick`` (one timed step, returns seconds) as ``t`` says; the timing fields.
+
+    Shared by every framework: the JAX engines and the PyTorch/Opacus reference rows.
+    """
+    spe = steps_per_epoch
+    fields: dict[str, Any] = {}
+    if t.mode == "budget":
+        bar = Progress(1 + t.warmup_steps + t.max_steps, desc, t.progress)
+        first_step_s = tick()
+        bar.update()
+        for _ in range(t.warmup_steps):
+            tick()
+            bar.update()
+        steps: list[float] = []
+        started = time.perf_counter()
+        while len(steps) < t.max_steps and (len(steps) < t.min_steps
+                                            or time.perf_counter() - started < t.budget_s):
+            steps.append(tick())
+            bar.update()
+        bar.close()
+        stats = robust_stats(steps)
+        fields.update(first_step_s=first_step_s, step_times_s=steps, epoch_times_s=None,
+                      first_epoch_s=None, median_epoch_s=spe * stats["median"],
+                      epoch_estimated=True)
+    else:
+        bar = Progress(t.epochs * spe, desc, t.progress)
+        epoch_times, steps, first_step_s = [], [], None
+        for epoch in range(t.epochs):
+            epoch_steps = []
+            for i in range(spe):
+                dt = tick()
+                bar.update()
+                epoch_steps.append(dt)
+                if epoch == 0 and i == 0:
+                    first_step_s = dt
+                elif epoch > 0 or i > t.warmup_steps:
+                    steps.append(dt)
+            epoch_times.append(float(sum(epoch_steps)))
+        bar.close()
+        stats = robust_stats(steps)
+        rest = epoch_times[1:] or epoch_times
+        fields.update(first_step_s=first_step_s, step_times_s=steps, epoch_times_s=epoch_times,
+                      first_epoch_s=epoch_times[0], median_epoch_s=float(statistics.median(rest)),
+                      epoch_estimated=False)
+    fields.update(median_step_s=stats["median"], iqr_step_s=stats["iqr"], steps_timed=len(steps))
+    return fields
+
+
 def _mean_loss_fn(model):
     @jax.jit
     def mean_loss(params, x, y):
@@ -134,58 +184,16 @@ def time_cell(cell: CellConfig, noise_multiplier: float) -> dict[str, Any]:
     compile_s = step.compile(*state, first.x, first.y, step_key, first.mask)
 
     clock = StepClock(step, state, sampler, step_key)
-    t = cell.timing
-    spe = sampler.steps_per_epoch
-    fields: dict[str, Any] = {}
-    if t.mode == "budget":
-        total = 1 + t.warmup_steps + t.max_steps
-        bar = Progress(total, f"{engine.name} {cell.model} B={cell.batch_size}", t.progress)
-        first_step_s = clock.tick()
-        bar.update()
-        for _ in range(t.warmup_steps):
-            clock.tick()
-            bar.update()
-        steps: list[float] = []
-        started = time.perf_counter()
-        while len(steps) < t.max_steps and (len(steps) < t.min_steps
-                                            or time.perf_counter() - started < t.budget_s):
-            steps.append(clock.tick())
-            bar.update()
-        bar.close()
-        stats = robust_stats(steps)
-        fields.update(first_step_s=first_step_s, step_times_s=steps, epoch_times_s=None,
-                      first_epoch_s=None, median_epoch_s=spe * stats["median"],
-                      epoch_estimated=True)
-    else:
-        bar = Progress(t.epochs * spe, f"{engine.name} {cell.model} B={cell.batch_size}",
-                       t.progress)
-        epoch_times, steps, first_step_s = [], [], None
-        for epoch in range(t.epochs):
-            epoch_steps = []
-            for i in range(spe):
-                dt = clock.tick()
-                bar.update()
-                epoch_steps.append(dt)
-                if epoch == 0 and i == 0:
-                    first_step_s = dt
-                elif epoch > 0 or i > t.warmup_steps:
-                    steps.append(dt)
-            epoch_times.append(float(sum(epoch_steps)))
-        bar.close()
-        stats = robust_stats(steps)
-        rest = epoch_times[1:] or epoch_times
-        fields.update(first_step_s=first_step_s, step_times_s=steps, epoch_times_s=epoch_times,
-                      first_epoch_s=epoch_times[0], median_epoch_s=float(statistics.median(rest)),
-                      epoch_estimated=False)
+    fields = run_timing_loop(clock.tick, cell.timing, sampler.steps_per_epoch,
+                             f"{engine.name} {cell.model} B={cell.batch_size}")
 
     params_end = clock.state[0]
     loss_end = float(mean_loss(params_end, eval_x, eval_y))
     if cell.data == "real":
         fields["test_accuracy"] = _test_accuracy(model, params_end, cell)
     fields.update(
-        n_params=n_params, n_train=data.size, steps_per_epoch=spe, compile_s=compile_s,
-        median_step_s=stats["median"], iqr_step_s=stats["iqr"], steps_timed=len(steps),
-        steps_run=clock.index, n_compiles=step.n_compiles,
+        n_params=n_params, n_train=data.size, steps_per_epoch=sampler.steps_per_epoch,
+        compile_s=compile_s, steps_run=clock.index, n_compiles=step.n_compiles,
         compiled_functions=step.compiled_functions, loss_start=loss_start, loss_end=loss_end,
         device_peak_bytes=_device_peak_bytes(),
     )

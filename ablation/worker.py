@@ -102,10 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             traceback.print_exc(file=sys.stderr)
         result = {"status": status_of(error), "error": one_line(error)}
-    try:
-        result["env"] = environment()
-    except Exception as error:  # noqa: BLE001
-        result["env"] = {"error": one_line(error)}
+    if "env" not in result:  # PyTorch cells bring their own (torch's device, not JAX's)
+        try:
+            result["env"] = environment()
+        except Exception as error:  # noqa: BLE001
+            result["env"] = {"error": one_line(error)}
     write_json(args.out, result)
     return 0
 
