@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: venv torch run sweep memory test test-all figures paper clean
+.PHONY: venv torch run cell memory test test-all figures paper clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -24,11 +24,11 @@ $(VENV)/.torch: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[dev,torch]"
 	touch $@
 
-run: venv  ## time one cell on the default config (ffnn, engine both, synthetic data)
-	$(PY) -m ablation.run $(ARGS)
-
-sweep: venv  ## the four-engine ablation on the default model
+run: venv  ## the main job: the four-engine ablation on the default cell (ffnn, batch 64, synthetic)
 	$(PY) -m ablation.run -m engine=jit,vmap,both,none $(ARGS)
+
+cell: venv  ## time one cell (override with ARGS="model=cnn batch_size=128 ...")
+	$(PY) -m ablation.run $(ARGS)
 
 memory: venv  ## probe the largest batch that fits (default model and engine)
 	$(PY) -m ablation.memory $(ARGS)
@@ -42,10 +42,9 @@ test-all: torch
 figures: venv  ## every figure from the results under outputs/ (runs no experiment)
 	$(PY) -m ablation.figures outputs --out outputs/figures
 
-paper: venv  ## the paper's experiments, trimmed for a CPU, then the figures
-	$(PY) -m ablation.run -m +experiment=runtimes $(ARGS)
-	$(PY) -m ablation.run -m +experiment=ablation $(ARGS)
-	$(PY) -m ablation.memory -m +experiment=memory $(ARGS)
+paper: torch  ## the paper's experiments trimmed for a CPU (~90 min on 2 cores), then the figures
+	$(PY) -m ablation.run -m experiment=reference_cpu $(ARGS)
+	$(PY) -m ablation.memory -m experiment=memory $(ARGS)
 	$(MAKE) figures
 
 clean:

@@ -1,0 +1,36 @@
+"""The notebooks run end to end against a small results fixture."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from tests.records import write_fixture
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+
+
+def test_the_three_notebooks_exist():
+    assert [p.name for p in NOTEBOOKS] == ["01_runtimes.ipynb", "02_ablation.ipynb",
+                                           "03_memory.ipynb"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_executes(path, tmp_path, monkeypatch):
+    root = write_fixture(tmp_path / "results")
+    monkeypatch.setenv("DPSGD_RESULTS", str(root))
+    notebook = nbformat.read(path, as_version=4)
+    assert not any(c.get("outputs") for c in notebook.cells if c.cell_type == "code"), \
+        "commit notebooks without outputs"
+    NotebookClient(notebook, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert images, "the notebook drew no figure"
+    text = "".join(o.get("text", "") for o in outputs)
+    assert f"from {root}" in text
