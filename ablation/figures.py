@@ -87,11 +87,14 @@ def runtimes(frame: pd.DataFrame, model: str, *, batch_sizes: Sequence[int] | No
     panels = [p for p in (True, False) if (data["private"] == p).any()]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     hue_order = sorted(data["batch_size"].unique())
+    # One colour per batch size in both panels, also where a panel lacks some sizes.
+    colours = dict(zip(hue_order, sns.color_palette("viridis", len(hue_order))))
     for ax, private in zip(axes[0], panels):
         part = data[data["private"] == private]
+        present = [b for b in hue_order if (part["batch_size"] == b).any()]
         sns.barplot(part, x="system", y="median_epoch_s", hue="batch_size", ax=ax,
-                    order=_order(part["system"].unique()), hue_order=hue_order,
-                    palette="viridis", errorbar=None)
+                    order=_order(part["system"].unique()), hue_order=present,
+                    palette={b: colours[b] for b in present}, errorbar=None)
         ax.set_yscale("log")
         ax.set_title(f"{model}, {'private (DP-SGD)' if private else 'non-private (SGD)'}")
         ax.set_xlabel("engine / framework")

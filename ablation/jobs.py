@@ -199,7 +199,7 @@ def run_memory_job(cell: CellConfig, settings: Any, config: Mapping[str, Any],
     Raises:
       ValueError: the cap exceeds the machine's (or device's) memory, before any try runs.
     """
-    from ablation.probe import Try, search
+    from ablation.probe import Try, predicted_max, search
 
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -245,14 +245,16 @@ def run_memory_job(cell: CellConfig, settings: Any, config: Mapping[str, Any],
 
     outcome = search(try_size, settings)
     tried = [t.as_dict() for t in outcome["tried"]]
-    predicted_fit = [t["batch_size"] for t in tried if t["predicted_bytes"] is not None
-                     and limit is not None and t["predicted_bytes"] <= limit]
+    # Without running (predict_only) the search's answer is the prediction; otherwise the
+    # predictions of every try, those that failed included, are solved for the cap.
+    predicted = (outcome["max_batch_size"] if settings.predict_only
+                 else predicted_max(outcome["tried"], limit))
     record.update(
         status=outcome["status"], error=outcome["reason"] if outcome["status"] != "ok" else None,
         max_batch_size=outcome["max_batch_size"], limit_bytes=limit, tried=tried,
         reached_max=outcome["reached_max"], reason=outcome["reason"],
         predict_only=settings.predict_only,
-        predicted_max_batch_size=max(predicted_fit) if predicted_fit else None,
+        predicted_max_batch_size=predicted,
         search={"start": settings.start, "growth": settings.growth,
                 "resolution": settings.resolution, "max_batch_size": settings.max_batch_size},
         device=info, env=last_env or environment(devices=False), finished_at=now_iso())

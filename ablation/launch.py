@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from ablation.failures import status_of_exit
 from ablation.results import read_json, write_json
@@ -43,18 +45,19 @@ def run_process(argv: list[str], *, timeout_s: float, env: Mapping[str, str] | N
     if out_path is not None:
         out_path.unlink(missing_ok=True)
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, env=child_env, start_new_session=True)
-    timed_out = False
-    try:
-        returncode = proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        _kill_group(proc)
-        returncode = proc.wait()
-    except BaseException:  # Ctrl-C in the parent: take the child down with it
-        _kill_group(proc)
-        proc.wait()
-        raise
+    with _sigterm_raises():
+        proc = subprocess.Popen(argv, env=child_env, start_new_session=True)
+        timed_out = False
+        try:
+            returncode = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc)
+            returncode = proc.wait()
+        except BaseException:  # Ctrl-C or SIGTERM in the parent: take the child down with it
+            _kill_group(proc)
+            proc.wait()
+            raise
     wall_s = time.perf_counter() - start
     if timed_out:
         result = {"status": "timeout", "error": f"cell ran past its {timeout_s:g} s limit"}
@@ -70,13 +73,45 @@ def run_process(argv: list[str], *, timeout_s: float, env: Mapping[str, str] | N
 def run_worker(spec: Mapping[str, Any], workdir: str | os.PathLike, *, timeout_s: float,
                name: str = "cell", env: Mapping[str, str] | None = None,
                memory_capped: bool = False) -> ChildOutcome:
-    """Run ``python -m ablation.worker`` on ``spec`` in ``workdir`` (see :func:`run_process`)."""
+    """Run ``python -m ablation.worker`` on ``spec`` in ``workdir`` (see :func:`run_process`).
+
+    The worker may report fields before it finishes into ``spec["partial_path"]``; they are
+    merged into the result under whatever the worker wrote at the end.
+    """
     workdir = Path(workdir)
-    spec_path = write_json(workdir / f"{name}.spec.json", spec)
+    partial_path = workdir / f"{name}.partial.json"
+    partial_path.unlink(missing_ok=True)
+    spec_path = write_json(workdir / f"{name}.spec.json",
+                           {**spec, "partial_path": str(partial_path)})
     out_path = workdir / f"{name}.out.json"
-    return run_process([sys.executable, "-m", "ablation.worker", str(spec_path), str(out_path)],
-                       timeout_s=timeout_s, env=env, memory_capped=memory_capped,
-                       out_path=out_path)
+    outcome = run_process([sys.executable, "-m", "ablation.worker", str(spec_path),
+                           str(out_path)], timeout_s=timeout_s, env=env,
+                          memory_capped=memory_capped, out_path=out_path)
+    if partial_path.exists():
+        # What the task reported before it ended (a memory try's prediction), kept also when
+        # the child then died; its final result, where it wrote one, has the last word.
+        outcome.result.update({**read_json(partial_path), **outcome.result})
+        partial_path.unlink()
+    return outcome
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into ``SystemExit`` while a child runs, so that ``timeout``, a batch
+    scheduler or ``kill`` stopping the sweep also stops the child, which lives in its own
+    session and would otherwise keep the accelerator busy after its parent is gone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

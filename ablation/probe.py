@@ -90,6 +90,24 @@ def gap_allowed(fits: int, settings: ProbeSettings) -> int:
     return max(1, int(settings.resolution * fits))
 
 
+def predicted_max(tried: list[Try], limit_bytes: int | None) -> int | None:
+    """The largest batch size whose peak, as the compiled step predicts it, fits the cap.
+
+    The prediction is linear in the batch size (per-example buffers), so the two largest sizes
+    that carry one, failed tries included, give ``a + k·b``, solved for the cap. None without a
+    cap, predictions at two sizes, or a positive slope.
+    """
+    points = {t.batch_size: t.predicted_bytes for t in tried if t.predicted_bytes}
+    sizes = sorted(points)
+    if limit_bytes is None or len(sizes) < 2:
+        return None
+    b0, b1 = sizes[-2], sizes[-1]
+    slope = (points[b1] - points[b0]) / (b1 - b0)
+    if slope <= 0:
+        return None
+    return max(0, int((limit_bytes - (points[b1] - slope * b1)) // slope))
+
+
 def predicted_fit(tried: list[Try], limit_bytes: int | None) -> int | None:
     """The batch size at which the memory predicted by the compiled step meets the cap.
 
@@ -247,7 +265,8 @@ def predicted_peak(compiled) -> int | None:
 
 
 def try_batch(cell: CellConfig, noise_multiplier: float, batch_size: int, *,
-              predict_only: bool = False, cap_bytes: int | None = None) -> dict[str, Any]:
+              predict_only: bool = False, cap_bytes: int | None = None,
+              on_predicted: Callable[[int], None] | None = None) -> dict[str, Any]:
     """One DP-SGD step of ``cell`` at ``batch_size`` (worker side); a :class:`Try` as a dict.
 
     Order matters for an honest CPU cap: the JAX runtime starts, the step is compiled on
@@ -256,7 +275,8 @@ def try_batch(cell: CellConfig, noise_multiplier: float, batch_size: int, *,
     data size plus ``cap_bytes``; the parameters, optimizer state, batch and every buffer of
     the measured step are allocated under it, which is what a GPU's device memory would hold.
     The batch is synthetic with the dataset's shapes (the training set is not loaded: the
-    probe measures the step). Exceptions propagate to the worker, which classifies them.
+    probe measures the step). Exceptions propagate to the worker, which classifies them;
+    ``on_predicted`` receives the compiled step's predicted peak before the step runs.
     """
     from ablation.data import synthetic
     from ablation.dpsgd import DPConfig, make_step, sgd
@@ -294,40 +314,49 @@ def try_batch(cell: CellConfig, noise_multiplier: float, batch_size: int, *,
         return {"batch_size": batch_size, "status": "ok", "predicted_bytes": predicted,
                 "peak_bytes": None, "wall_s": time.perf_counter() - start}
 
-    if on_cpu:
-        # A warm-up step first, under a looser safety cap: the eager engines compile each
-        # primitive's kernel on first use, and compiler memory is host memory, not what a
-        # GPU's device memory would hold. The measured step then reuses those kernels.
-        with _data_cap(None if cap_bytes is None else 2 * cap_bytes + (1 << 30)):
-            jax.block_until_ready(step(*make_state(), *synthetic(spec, cell.seed, n=batch_size)
-                                       [:2], step_key))
-        gc.collect()
-    baseline = _proc_status_bytes("VmRSS") if on_cpu else 0
-    try:
-        with _data_cap(cap_bytes if on_cpu else None):
-            peak_reset = _reset_peak_rss() if on_cpu else False
-            state = make_state()
-            batch = synthetic(spec, cell.seed, n=batch_size)
-            new_state = step(*state, batch.x, batch.y, step_key)
-            jax.block_until_ready(new_state)
-            peak_rss = _proc_status_bytes("VmHWM") if peak_reset else None
-    except Exception as error:
-        if on_cpu and cap_bytes is not None and not isinstance(error, MemoryError):
-            # The same step has just run without the cap, so the cap is what broke it, however
-            # the failing allocation reported itself (XLA status, a library's INTERNAL error).
-            from ablation.results import one_line
-            raise CapExceeded(f"fails under the cap, runs without it: {one_line(error)}") from error
-        raise
-    stats = device.memory_stats()
-    if stats and "peak_bytes_in_use" in stats:  # GPU: the device allocator's own peak
-        peak = int(stats["peak_bytes_in_use"])
-    elif peak_rss is not None:  # CPU: the process' peak resident memory above the baseline
-        peak = peak_rss - baseline
-    else:
-        peak = None
-    return {"batch_size": batch_size, "status": "ok", "peak_bytes": peak,
-            "predicted_bytes": predicted, "baseline_bytes": baseline,
-            "wall_s": time.perf_counter() - start}
+    def measure() -> dict[str, Any]:
+        if on_cpu:
+            # A warm-up step first, under a looser safety cap: the eager engines compile each
+            # primitive's kernel on first use, and compiler memory is host memory, not what a
+            # GPU's device memory would hold. The measured step then reuses those kernels.
+            with _data_cap(None if cap_bytes is None else 2 * cap_bytes + (1 << 30)):
+                warm_x, warm_y = synthetic(spec, cell.seed, n=batch_size)[:2]
+                jax.block_until_ready(step(*make_state(), warm_x, warm_y, step_key))
+                del warm_x, warm_y
+            gc.collect()
+        baseline = _proc_status_bytes("VmRSS") if on_cpu else 0
+        try:
+            with _data_cap(cap_bytes if on_cpu else None):
+                peak_reset = _reset_peak_rss() if on_cpu else False
+                state = make_state()
+                batch = synthetic(spec, cell.seed, n=batch_size)
+                new_state = step(*state, batch.x, batch.y, step_key)
+                jax.block_until_ready(new_state)
+                peak_rss = _proc_status_bytes("VmHWM") if peak_reset else None
+        except Exception as error:
+            if on_cpu and cap_bytes is not None and not isinstance(error, MemoryError):
+                # The same step has just run without the cap, so the cap is what broke it,
+                # however the failing allocation reported itself (XLA status, INTERNAL error).
+                from ablation.results import one_line
+                raise CapExceeded(f"fails under the cap, runs without it: {one_line(error)}") \
+                    from error
+            raise
+        stats = device.memory_stats()
+        if stats and "peak_bytes_in_use" in stats:  # GPU: the device allocator's own peak
+            peak = int(stats["peak_bytes_in_use"])
+        elif peak_rss is not None:  # CPU: the process' peak resident memory above the baseline
+            peak = peak_rss - baseline
+        else:
+            peak = None
+        return {"batch_size": batch_size, "status": "ok", "peak_bytes": peak,
+                "predicted_bytes": predicted, "baseline_bytes": baseline,
+                "wall_s": time.perf_counter() - start}
+
+    if on_predicted is not None and predicted is not None:
+        # Reported before the step runs: a try that then fails, even by dying under the cap,
+        # keeps its prediction (the sizes that did not fit are where it is worth comparing).
+        on_predicted(predicted)
+    return measure()
 
 
 def format_memory_summary(frame) -> str:

@@ -16,6 +16,7 @@ it has 400 more (1,081,402); records hold ``n_params`` as measured.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Mapping
 
 import numpy as np
@@ -31,6 +32,10 @@ except ImportError as _error:  # pragma: no cover - exercised where torch is abs
     raise ImportError("engine=opacus needs the torch extra: pip install -e '.[torch]' "
                       "(install torch==2.13.0 first on the development machine: make torch)"
                       ) from _error
+
+# Opacus' hooks fire on the first layer, whose input (the data) needs no gradient; PyTorch
+# warns about exactly that on every cell. Expected, and nothing to act on.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 
 
 class NHWCToNCHW(nn.Module):
@@ -136,12 +141,17 @@ def load_haiku_params(module: nn.Module, params: Mapping[str, Mapping[str, Any]]
     with torch.no_grad():
         for layer, group in zip(layers, groups):
             if isinstance(layer, nn.Embedding):
-                layer.weight.copy_(torch.from_numpy(np.asarray(group["embeddings"])))
+                layer.weight.copy_(_tensor(group["embeddings"]))
                 continue
             w = np.asarray(group["w"])
             w = w.T if isinstance(layer, nn.Linear) else w.transpose(3, 2, 0, 1)
-            layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(w)))
-            layer.bias.copy_(torch.from_numpy(np.asarray(group["b"])))
+            layer.weight.copy_(_tensor(w))
+            layer.bias.copy_(_tensor(group["b"]))
+
+
+def _tensor(array: Any) -> torch.Tensor:
+    """A tensor holding a copy of ``array`` (JAX arrays are read-only views; PyTorch warns)."""
+    return torch.from_numpy(np.array(array, copy=True, order="C"))
 
 
 def criterion_for(name: str) -> nn.Module:

@@ -52,9 +52,16 @@ def _memory_try(spec: dict[str, Any]) -> dict[str, Any]:
         pass
     from ablation.config import cell_from_plain
     from ablation.probe import try_batch
+    from ablation.results import write_json
+    partial = spec.get("partial_path")
+
+    def on_predicted(predicted_bytes: int) -> None:
+        if partial:
+            write_json(partial, {"predicted_bytes": predicted_bytes})
+
     return try_batch(cell_from_plain(spec["cell"]), spec["noise_multiplier"],
                      spec["batch_size"], predict_only=spec.get("predict_only", False),
-                     cap_bytes=spec.get("cap_bytes"))
+                     cap_bytes=spec.get("cap_bytes"), on_predicted=on_predicted)
 
 
 def _expected(error: BaseException) -> bool:

@@ -112,3 +112,22 @@ def test_bad_batch_or_clip_is_a_one_line_error(x_len, y_len, clip, message):
         clipped_grad_sum("both", _quadratic_loss, params, jnp.zeros((x_len, 3)),
                          jnp.zeros((y_len,), jnp.int32), clip)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("unroll", ["static", "dynamic"])
+def test_full_length_lstm_engines_agree(unroll):
+    """The lstm at its real 256 tokens (the other tests shorten sequences to keep compiles
+    short): compiled, scanned and eager per-example sums agree with the oracle."""
+    from models import get_model
+    model = get_model("lstm", unroll=unroll)
+    params = model.init(jax.random.key(0))
+    x = jax.random.randint(jax.random.key(1), (3, 256), 0, 10_000)
+    y = jnp.array([0, 1, 1])
+    per_example = reference_per_example_grads(model.loss, params, x, y)
+    clip = float(np.median([np.linalg.norm(g) for g in per_example]))
+    expected = reference_clipped_sum(per_example, clip)
+    for engine in (ENGINES["both"], get_engine("jit", "scan"), ENGINES["vmap"]):
+        got = flatten(clipped_grad_sum(engine, model.loss, params, x, y, clip))
+        np.testing.assert_allclose(got, expected, rtol=RTOL,
+                                   atol=ATOL * max(1.0, np.abs(expected).max()), err_msg=engine.name)

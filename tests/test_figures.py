@@ -128,3 +128,22 @@ def test_draw_all_writes_png_and_pdf_per_device(tmp_path):
         assert f"cpu-2-cores/{name}.png" in names and f"cpu-2-cores/{name}.pdf" in names
     assert "nvidia-h100-80gb-hbm3/runtimes_ffnn.png" in names
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+def test_committed_reference_results_draw():
+    """The records in outputs/reference (what `make figures` draws on a fresh clone) load, hold
+    the CPU grid and the H100 ablation, and give an ablation figure for each device."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent / "outputs" / "reference"
+    timing, memory = analysis.load(root)
+    assert {"cpu (2 cores)", "NVIDIA H100 80GB HBM3"} <= set(timing["device"])
+    cpu = timing[timing["device"] == "cpu (2 cores)"]
+    assert set(cpu["engine_label"]) >= {"both", "jit", "vmap", "none"}
+    assert set(cpu["model"]) == set(analysis.MODEL_ORDER)
+    for device in ("cpu (2 cores)", "NVIDIA H100 80GB HBM3"):
+        part = timing[timing["device"] == device]
+        batch, models = figures.best_ablation_batch(part)
+        fig = figures.ablation(part, batch_size=batch, models=models)
+        assert len(_heights(fig.axes[0])) == 4 * len(models)
+        figures.plt.close(fig)
+    assert (memory["max_batch_size"] > 0).all()

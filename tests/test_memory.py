@@ -12,7 +12,7 @@ from ablation.config import CellConfig, PrivacyConfig, probe_settings_from_dict
 from ablation.failures import is_out_of_memory, status_of_exit, xla_status_code
 from ablation.jobs import PROBE_CPU_ENV, run_memory_job
 from ablation.launch import run_process, run_worker
-from ablation.probe import ProbeSettings, Try, gap_allowed, search
+from ablation.probe import ProbeSettings, Try, gap_allowed, predicted_max, search
 from tests.cli import run_cli
 
 # -- the search, against a fake memory model ------------------------------------------------------
@@ -55,6 +55,17 @@ def test_predictions_guide_the_search():
     assert search(blind, settings)["max_batch_size"] == 1048
     assert search(guided, settings)["max_batch_size"] == 1048
     assert len(guided_calls) < len(blind_calls) / 2
+
+
+def test_predicted_max_solves_the_predictions_for_the_cap():
+    # 1 MiB fixed + 1000 bytes per example: the cap of 2 MiB holds 1048 examples. Failed
+    # tries count: their predictions are as good as those of the sizes that fit.
+    tried = [Try(512, "ok", predicted_bytes=(1 << 20) + 512_000),
+             Try(2048, "oom", predicted_bytes=(1 << 20) + 2_048_000)]
+    assert predicted_max(tried, 2 << 20) == 1048
+    assert predicted_max(tried, None) is None
+    assert predicted_max(tried[:1], 2 << 20) is None  # one size gives no slope
+    assert predicted_max([Try(8, "ok"), Try(16, "oom")], 2 << 20) is None  # eager: none
 
 
 def test_nothing_fits_gives_zero_with_reason():
@@ -129,9 +140,11 @@ def _retry(tmp_path, cell, settings, batch_size):
 
 # Resolution a few percent: at a gap of one example the CPU boundary is within the noise of
 # the process' own allocations (a size that fit once can fail on a re-run).
-@pytest.mark.parametrize("model, resolution", [("ffnn", 0.04), ("cnn", 0.1)])
-def test_probe_finds_a_maximum_that_fits_and_the_next_size_does_not(tmp_path, model, resolution):
-    cell, settings, record = _probe(tmp_path, model, resolution=resolution)
+# The start is a few doublings below each boundary (ffnn ~2,000, cnn ~170 examples).
+@pytest.mark.parametrize("model, resolution, start", [("ffnn", 0.04, 256), ("cnn", 0.1, 32)])
+def test_probe_finds_a_maximum_that_fits_and_the_next_size_does_not(tmp_path, model, resolution,
+                                                                     start):
+    cell, settings, record = _probe(tmp_path, model, resolution=resolution, start=start)
     assert record["status"] == "ok", record["reason"]
     best = record["max_batch_size"]
     assert best > 16 and not record["reached_max"]
@@ -146,12 +159,15 @@ def test_probe_finds_a_maximum_that_fits_and_the_next_size_does_not(tmp_path, mo
     at_best = next(t for t in record["tried"] if t["batch_size"] == best)
     assert at_best["predicted_bytes"] > 0 and at_best["peak_bytes"] > 0
     assert 0.5 < at_best["peak_bytes"] / at_best["predicted_bytes"] < 2.0
+    # The sizes that did not fit keep their prediction, and the record solves them for the cap.
+    assert all(t["predicted_bytes"] for t in record["tried"])
+    assert 0.5 < record["predicted_max_batch_size"] / best < 2.0
     frame = results.load(tmp_path)
     assert list(frame["kind"]) == ["memory"] and frame["max_batch_size"].iloc[0] == best
 
 
 def test_non_jit_engine_probe(tmp_path):
-    _, _, record = _probe(tmp_path, "ffnn", engine="vmap", start=256, resolution=0.25)
+    _, _, record = _probe(tmp_path, "ffnn", engine="vmap", start=512, resolution=0.5)
     assert record["status"] == "ok" and record["max_batch_size"] >= 256
     assert all(t["predicted_bytes"] is None for t in record["tried"])
 

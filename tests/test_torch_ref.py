@@ -47,8 +47,8 @@ def test_opacus_clipped_sum_equals_jax(name, mode):
     clip = float(np.median(norms))  # half the examples clipped
     module = torch_ref.build(name)
     torch_ref.load_haiku_params(module, params)
-    grads = torch_ref.clipped_grad_sum(module, name, torch.from_numpy(np.asarray(x)),
-                                       torch.from_numpy(np.asarray(y)), clip, mode=mode)
+    grads = torch_ref.clipped_grad_sum(module, name, torch.from_numpy(np.array(x)),
+                                       torch.from_numpy(np.array(y)), clip, mode=mode)
     got = _to_haiku_layout(grads, module)
     expected = np.concatenate([np.ravel(np.asarray(l)) for l in
                                jax.tree.leaves(clipped_grad_sum("both", model.loss, params, x, y,
@@ -72,7 +72,7 @@ def test_same_weights_same_logits():
         module = torch_ref.build(name)
         torch_ref.load_haiku_params(module, params)
         with torch.no_grad():
-            got = module(torch.from_numpy(np.asarray(x))).numpy()
+            got = module(torch.from_numpy(np.array(x))).numpy()
         np.testing.assert_allclose(got, np.asarray(model.logits(params, x)), rtol=1e-4,
                                    atol=1e-5, err_msg=name)
 
