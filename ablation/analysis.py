@@ -159,6 +159,12 @@ def compile_times(frame: pd.DataFrame) -> pd.DataFrame:
                          "compile_s", "first_step_s"]].copy())
 
 
+def models_in(frame: pd.DataFrame) -> list[str]:
+    """The paper's models that ``frame`` holds, in the paper's order."""
+    present = set(frame["model"]) if len(frame) else set()
+    return [m for m in MODEL_ORDER if m in present]
+
+
 def _model_key(model: str) -> int:
     return MODEL_ORDER.index(model) if model in MODEL_ORDER else len(MODEL_ORDER)
 

@@ -114,13 +114,12 @@ def ablation(frame: pd.DataFrame, *, batch_size: int, models: Sequence[str] | No
                                        models=models)
     fig, ax = plt.subplots(figsize=(1.6 + 1.5 * table["model"].nunique(), 4.2))
     engines = ["both", "jit", "vmap", "none"]
+    order = analysis.models_in(table)
     sns.barplot(table, x="model", y="median_epoch_s", hue="engine_label", hue_order=engines,
-                palette=PALETTE, ax=ax, errorbar=None,
-                order=[m for m in analysis.MODEL_ORDER if m in set(table["model"])])
+                palette=PALETTE, ax=ax, errorbar=None, order=order)
     ax.set_yscale("log")
     for container, engine in zip(ax.containers, engines):
         speed = table[table["engine_label"] == engine].set_index("model")["both_speedup"]
-        order = [m for m in analysis.MODEL_ORDER if m in set(table["model"])]
         ax.bar_label(container, labels=[_times(speed[m]) if m in speed else "" for m in order],
                      fontsize=7, padding=1, rotation=90)
     _headroom(ax)
@@ -143,7 +142,7 @@ def compile_times(frame: pd.DataFrame, *, models: Sequence[str] | None = None) -
         table = table[table["model"].isin(models)]
     if table.empty:
         raise MissingCells("no record with a compile time (no jit engine ran)")
-    model_list = [m for m in analysis.MODEL_ORDER if m in set(table["model"])]
+    model_list = analysis.models_in(table)
     cols = min(3, len(model_list))
     rows = math.ceil(len(model_list) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
@@ -175,7 +174,7 @@ def max_batch(memory: pd.DataFrame, *, models: Sequence[str] | None = None,
                       & table["engine_label"].isin(engines or table["engine_label"].unique())]
     if table.empty:
         raise MissingCells("no ok memory record")
-    order = [m for m in analysis.MODEL_ORDER if m in set(table["model"])]
+    order = analysis.models_in(table)
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(order), 4.2))
     sns.barplot(table, x="model", y="max_batch_size", hue="engine_label", order=order,
                 hue_order=_order(table["engine_label"].unique()), palette=PALETTE, ax=ax,
@@ -203,7 +202,7 @@ def overhead(frame: pd.DataFrame, *, engine: str = "both",
         table = table[table["model"].isin(models)]
     if table.empty:
         raise MissingCells(f"no private/non-private pair for engine {engine}")
-    order = [m for m in analysis.MODEL_ORDER if m in set(table["model"])]
+    order = analysis.models_in(table)
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(order), 4.2))
     sns.barplot(table, x="model", y="overhead", hue="batch_size", order=order, ax=ax,
                 hue_order=sorted(table["batch_size"].unique()), palette="viridis", errorbar=None)
@@ -263,7 +262,7 @@ def draw_all(roots: Sequence[str | Path], out: str | Path) -> list[Path]:
         t = timing[timing["device"] == device] if len(timing) else timing
         m = memory[memory["device"] == device] if len(memory) else memory
         jobs = []
-        for model in [x for x in analysis.MODEL_ORDER if len(t) and x in set(t["model"])]:
+        for model in analysis.models_in(t):
             jobs.append((f"runtimes_{model}", lambda model=model: runtimes(t, model)))
         choice = best_ablation_batch(t) if len(t) else None
         if choice:

@@ -91,6 +91,18 @@ def skip_if_done(digest: str, kind: str, job_dir: Path, resume_root: Path) -> di
     return read_json(found)
 
 
+def open_job(cell: CellConfig, config: Mapping[str, Any], kind: str, job_dir: str | Path,
+             resume: bool, resume_root: str | Path) -> tuple[Path, dict[str, Any], dict | None]:
+    """The job's folder (created), its base record, and with ``resume`` the earlier ok record
+    of the same config if there is one (then the job is done)."""
+    job_dir = Path(job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    record = base_record(cell, config, kind)
+    done = (skip_if_done(record["config_hash"], kind, job_dir, Path(resume_root)) if resume
+            else None)
+    return job_dir, record, done
+
+
 def run_timing_job(cell: CellConfig, config: Mapping[str, Any], job_dir: str | Path, *,
                    resume: bool = False, resume_root: str | Path = "outputs") -> dict[str, Any]:
     """Time one cell in a fresh worker process and write ``result.json`` into ``job_dir``.
@@ -98,13 +110,9 @@ def run_timing_job(cell: CellConfig, config: Mapping[str, Any], job_dir: str | P
     A cell that fails (exception, out of memory, timeout) still gets its record, with the
     status and a one-line error. Returns the record.
     """
-    job_dir = Path(job_dir)
-    job_dir.mkdir(parents=True, exist_ok=True)
-    record = base_record(cell, config, "timing")
-    if resume:
-        done = skip_if_done(record["config_hash"], "timing", job_dir, Path(resume_root))
-        if done is not None:
-            return done
+    job_dir, record, done = open_job(cell, config, "timing", job_dir, resume, resume_root)
+    if done is not None:
+        return done
     record.update({key: None for key in MEASUREMENT_FIELDS if key not in record})
     try:
         report = privacy_of(cell)
@@ -201,13 +209,9 @@ def run_memory_job(cell: CellConfig, settings: Any, config: Mapping[str, Any],
     """
     from ablation.probe import Try, predicted_max, search
 
-    job_dir = Path(job_dir)
-    job_dir.mkdir(parents=True, exist_ok=True)
-    record = base_record(cell, config, "memory")
-    if resume:
-        done = skip_if_done(record["config_hash"], "memory", job_dir, Path(resume_root))
-        if done is not None:
-            return done
+    job_dir, record, done = open_job(cell, config, "memory", job_dir, resume, resume_root)
+    if done is not None:
+        return done
     info = device_info(job_dir)
     limit = settings.limit_bytes
     total = info.get("total_bytes")

@@ -90,7 +90,8 @@ def run_worker(spec: Mapping[str, Any], workdir: str | os.PathLike, *, timeout_s
     if partial_path.exists():
         # What the task reported before it ended (a memory try's prediction), kept also when
         # the child then died; its final result, where it wrote one, has the last word.
-        outcome.result.update({**read_json(partial_path), **outcome.result})
+        for key, value in read_json(partial_path).items():
+            outcome.result.setdefault(key, value)
         partial_path.unlink()
     return outcome
 

@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from ablation.config import ConfigError, probe_settings_from_dict
-from ablation.run import CONF_DIR, config_or_exit
+from ablation.run import CONF_DIR, config_or_exit, exit_with_error
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -27,21 +27,17 @@ def main(cfg: DictConfig) -> None:
     from ablation.jobs import run_memory_job
     plain, cell = config_or_exit(cfg)
     if cell.is_reference:
-        print("error: the memory probe measures the JAX engines (both, jit, vmap, none)",
-              file=sys.stderr)
-        sys.exit(2)
+        exit_with_error("the memory probe measures the JAX engines (both, jit, vmap, none)")
     try:
         settings = probe_settings_from_dict(plain.get("memory"))
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        exit_with_error(error)
     hydra_cfg = HydraConfig.get()
     try:
         record = run_memory_job(cell, settings, plain, hydra_cfg.runtime.output_dir,
                                 resume=cfg.resume, resume_root=cfg.paths.output_dir)
     except ValueError as error:  # a cap above the machine's memory: nothing ran
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        exit_with_error(error)
     if hydra_cfg.mode == RunMode.RUN and record.get("status") != "ok":
         sys.exit(1)
 

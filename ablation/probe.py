@@ -90,43 +90,46 @@ def gap_allowed(fits: int, settings: ProbeSettings) -> int:
     return max(1, int(settings.resolution * fits))
 
 
-def predicted_max(tried: list[Try], limit_bytes: int | None) -> int | None:
-    """The largest batch size whose peak, as the compiled step predicts it, fits the cap.
+def _linear_fit(points: dict[int, int]) -> tuple[float, float] | None:
+    """``(a, k)`` of ``bytes = a + k·b`` through the two largest batch sizes of ``points``.
 
-    The prediction is linear in the batch size (per-example buffers), so the two largest sizes
-    that carry one, failed tries included, give ``a + k·b``, solved for the cap. None without a
-    cap, predictions at two sizes, or a positive slope.
+    The compiled step's memory is linear in the batch size (per-example buffers). None with
+    fewer than two sizes or a slope that is not positive.
     """
-    points = {t.batch_size: t.predicted_bytes for t in tried if t.predicted_bytes}
     sizes = sorted(points)
-    if limit_bytes is None or len(sizes) < 2:
+    if len(sizes) < 2:
         return None
     b0, b1 = sizes[-2], sizes[-1]
     slope = (points[b1] - points[b0]) / (b1 - b0)
-    if slope <= 0:
+    return None if slope <= 0 else (points[b1] - slope * b1, slope)
+
+
+def predicted_max(tried: list[Try], limit_bytes: int | None) -> int | None:
+    """The largest batch size whose peak, as the compiled step predicts it, fits the cap.
+
+    Every try that carries a prediction counts, failed tries included. None without a cap or
+    a fit (see :func:`_linear_fit`).
+    """
+    fit = _linear_fit({t.batch_size: t.predicted_bytes for t in tried if t.predicted_bytes})
+    if limit_bytes is None or fit is None:
         return None
-    return max(0, int((limit_bytes - (points[b1] - slope * b1)) // slope))
+    intercept, slope = fit
+    return max(0, int((limit_bytes - intercept) // slope))
 
 
 def predicted_fit(tried: list[Try], limit_bytes: int | None) -> int | None:
-    """The batch size at which the memory predicted by the compiled step meets the cap.
-
-    Fits ``predicted(b) = a + k·b`` to the tries that fit and carry a prediction, scales it by
-    the ratio of measured to predicted peak at the largest of them (allocator overhead), and
-    solves for the cap. None without a cap, predictions at two sizes, or a positive slope.
+    """Where the search should look next: the predictions of the tries that fit, scaled by
+    the ratio of measured to predicted peak at the largest of them (allocator overhead) and
+    solved for the cap. None without a cap or a fit (see :func:`_linear_fit`).
     """
-    points = [(t.batch_size, t.predicted_bytes, t.peak_bytes) for t in tried
-              if t.status == "ok" and t.predicted_bytes]
-    sizes = sorted({b for b, _, _ in points})
-    if limit_bytes is None or len(sizes) < 2:
+    fitting = {t.batch_size: t for t in tried if t.status == "ok" and t.predicted_bytes}
+    fit = _linear_fit({b: t.predicted_bytes for b, t in fitting.items()})
+    if limit_bytes is None or fit is None:
         return None
-    by_size = {b: (p, peak) for b, p, peak in points}
-    (b0, (p0, _)), (b1, (p1, peak1)) = (sizes[-2], by_size[sizes[-2]]), (sizes[-1], by_size[sizes[-1]])
-    slope = (p1 - p0) / (b1 - b0)
-    if slope <= 0:
-        return None
-    ratio = max(1.0, peak1 / p1) if peak1 else 1.0
-    return int((limit_bytes / ratio - (p1 - slope * b1)) // slope)
+    intercept, slope = fit
+    largest = fitting[max(fitting)]
+    ratio = max(1.0, largest.peak_bytes / largest.predicted_bytes) if largest.peak_bytes else 1.0
+    return int((limit_bytes / ratio - intercept) // slope)
 
 
 def search(try_size: Callable[[int], Try], settings: ProbeSettings) -> dict[str, Any]:

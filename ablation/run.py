@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -26,14 +27,19 @@ from ablation.config import ConfigError, cell_from_dict
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
+def exit_with_error(message: object) -> NoReturn:
+    """Bad input on the command line: one line on stderr, exit code 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def config_or_exit(cfg: DictConfig):
     """The plain resolved config and its typed cell; bad values exit 2 with one line."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     try:
         return plain, cell_from_dict(plain)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        exit_with_error(error)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

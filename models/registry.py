@@ -80,8 +80,8 @@ class Model:
     def _compiled_init(self) -> Callable[[jax.Array], PyTree]:
         # Compiled (an eager init of cifar10 takes seconds) and kept, so that calling init
         # again reuses the executable.
-        x = jax.ShapeDtypeStruct((1, *self.dataset.input_shape), self.dataset.input_dtype)
-        return jax.jit(lambda key: self.net.init(key, jnp.zeros(x.shape, x.dtype)))
+        shape, dtype = (1, *self.dataset.input_shape), self.dataset.input_dtype
+        return jax.jit(lambda key: self.net.init(key, jnp.zeros(shape, dtype)))
 
     def logits(self, params: PyTree, x: jax.Array) -> jax.Array:
         """Batched logits: ``x [B, ...] -> [B, K]``."""
