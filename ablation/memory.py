@@ -18,13 +18,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from ablation.config import ConfigError, probe_settings_from_dict
-from ablation.run import CONF_DIR, config_or_exit, exit_with_error
+from ablation.sweep.config import ConfigError, probe_settings_from_dict
+from ablation.sweep.shell import CONF_DIR, config_or_exit, exit_with_error
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
-    from ablation.jobs import run_memory_job
+    from ablation.sweep.jobs import run_memory_job
     plain, cell = config_or_exit(cfg)
     if cell.is_reference:
         exit_with_error("the memory probe measures the JAX engines (both, jit, vmap, none)")

@@ -8,43 +8,24 @@ Examples::
     python -m ablation.run -m +experiment=ablation            # a paper experiment
 
 The thin Hydra shell: it validates the config, then hands a typed cell to
-:func:`ablation.jobs.run_timing_job`, which runs it in a fresh worker process.
+:func:`ablation.sweep.jobs.run_timing_job`, which runs it in a fresh worker process.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ablation.config import ConfigError, cell_from_dict
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
-
-def exit_with_error(message: object) -> NoReturn:
-    """Bad input on the command line: one line on stderr, exit code 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-def config_or_exit(cfg: DictConfig):
-    """The plain resolved config and its typed cell; bad values exit 2 with one line."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    try:
-        return plain, cell_from_dict(plain)
-    except ConfigError as error:
-        exit_with_error(error)
+from ablation.sweep.shell import CONF_DIR, config_or_exit, exit_with_error  # noqa: F401
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
-    from ablation.jobs import run_timing_job
+    from ablation.sweep.jobs import run_timing_job
     plain, cell = config_or_exit(cfg)
     hydra_cfg = HydraConfig.get()
     record = run_timing_job(cell, plain, hydra_cfg.runtime.output_dir, resume=cfg.resume,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import haiku as hk
 import jax
-import jax.numpy as jnp
 
 #: Keras' IMDb word index with ``num_words=10_000`` and ``index_from=3`` needs 10,004 rows.
 IMDB_VOCAB_ROWS = 10_004

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ablation.compat import enable_x64
+from ablation.core.compat import enable_x64
 from models import MODEL_NAMES, get_model
 
 #: Token sequences are shortened in the engine tests: the architecture (and every parameter

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ablation.datasets import RemoteFile
+from ablation.data.datasets import RemoteFile
 
 ADULT_CATEGORIES = {
     1: ["Private", "Self-emp-not-inc", "State-gov"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ablation.results import SCHEMA, write_json
+from ablation.report.records import SCHEMA, write_json
 
 ENGINE_FACTOR = {"both": 1.0, "jit": 3.0, "vmap": 20.0, "none": 400.0, "opacus": 2.0}
 MODEL_BASE = {"logreg": 0.2, "ffnn": 0.5, "cnn": 4.0, "embed": 2.0, "lstm": 30.0, "cifar10": 50.0}

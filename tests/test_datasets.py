@@ -7,10 +7,18 @@ import tarfile
 import numpy as np
 import pytest
 
-from ablation import datasets
-from ablation.config import CellConfig, PrivacyConfig, TimingConfig
-from ablation.datasets import (DatasetUnavailable, RemoteFile, check_archive, fetch, parse_adult,
-                               parse_cifar10, parse_imdb, parse_mnist)
+from ablation.data import datasets
+from ablation.data.datasets import (
+    DatasetUnavailable,
+    RemoteFile,
+    check_archive,
+    fetch,
+    parse_adult,
+    parse_cifar10,
+    parse_imdb,
+    parse_mnist,
+)
+from ablation.measure.settings import CellConfig, PrivacyConfig, TimingConfig
 from tests import formats
 from tests.cli import QUICK, run_cli
 
@@ -198,7 +206,7 @@ def test_load_prepares_once_and_reuses(mnist_fixture):
 
 
 def test_private_training_on_real_format_data_lowers_the_loss(mnist_fixture):
-    from ablation.timing import time_cell
+    from ablation.measure.timing import time_cell
     cell = CellConfig(engine="both", model="cnn", data="real", data_cache_dir=str(mnist_fixture),
                       batch_size=32, lr=0.5, dp=PrivacyConfig(clip_norm=1.0, noise_multiplier=0.5),
                       timing=TimingConfig(mode="epochs", epochs=4, progress=False))

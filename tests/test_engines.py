@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ablation import ENGINES, LOOPS, Engine, clipped_grad_sum, get_engine
-from ablation.engines import clipped_grad, global_norm
+from ablation.core.engines import clipped_grad, global_norm
 from tests.conftest import flatten, reference_clipped_sum, reference_per_example_grads
 
 ENGINE_VARIANTS = [get_engine("jit", loop) for loop in LOOPS] + [

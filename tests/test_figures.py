@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ablation import analysis, figures, results
-from ablation.analysis import MissingCells
+from ablation.report import analysis, figures
+from ablation.report import records as results
+from ablation.report.analysis import MissingCells
 from tests.records import epoch_seconds, timing_record, write_fixture
 
 

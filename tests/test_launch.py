@@ -26,7 +26,7 @@ def test_sigterm_to_the_parent_kills_the_child(tmp_path):
     child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
     parent = textwrap.dedent(f"""
         import sys
-        from ablation.launch import run_process
+        from ablation.sweep.launch import run_process
         run_process([sys.executable, "-c", {child!r}], timeout_s=60)
     """)
     proc = subprocess.Popen([sys.executable, "-c", parent],

@@ -7,12 +7,13 @@ import sys
 
 import pytest
 
-from ablation import results
-from ablation.config import CellConfig, PrivacyConfig, probe_settings_from_dict
-from ablation.failures import is_out_of_memory, status_of_exit, xla_status_code
-from ablation.jobs import PROBE_CPU_ENV, run_memory_job
-from ablation.launch import run_process, run_worker
-from ablation.probe import ProbeSettings, Try, gap_allowed, predicted_max, search
+from ablation.measure.probe import Try, gap_allowed, predicted_max, search
+from ablation.measure.settings import CellConfig, PrivacyConfig, ProbeSettings
+from ablation.report import records as results
+from ablation.sweep.config import probe_settings_from_dict
+from ablation.sweep.failures import is_out_of_memory, status_of_exit, xla_status_code
+from ablation.sweep.jobs import PROBE_CPU_ENV, run_memory_job
+from ablation.sweep.launch import run_process, run_worker
 from tests.cli import run_cli
 
 # -- the search, against a fake memory model ------------------------------------------------------
@@ -88,7 +89,7 @@ def test_max_batch_size_caps_the_growth():
 
 
 def test_bad_memory_settings():
-    from ablation.config import ConfigError
+    from ablation.sweep.config import ConfigError
     with pytest.raises(ConfigError, match="memory.growth must be > 1"):
         probe_settings_from_dict({"growth": 1.0})
     with pytest.raises(ConfigError, match="memory.limit_gb must be > 0"):

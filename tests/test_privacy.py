@@ -13,11 +13,12 @@ from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 
 from ablation import ENGINES, LOOPS, clipped_grad_sum, get_engine
-from ablation.config import CellConfig, ConfigError, PrivacyConfig, TimingConfig, cell_from_dict
-from ablation.data import poisson_capacity
-from ablation.jobs import privacy_of
-from ablation.privacy import calibrate_noise_multiplier, epsilon, privacy_report
-from ablation.timing import time_cell
+from ablation.core.privacy import calibrate_noise_multiplier, epsilon, privacy_report
+from ablation.data.samplers import poisson_capacity
+from ablation.measure.settings import CellConfig, PrivacyConfig, TimingConfig
+from ablation.measure.timing import time_cell
+from ablation.sweep.config import ConfigError, cell_from_dict
+from ablation.sweep.jobs import privacy_of
 from models import get_model
 from tests.conftest import flatten, small_batch
 
@@ -150,7 +151,7 @@ def test_fifty_step_poisson_run_compiles_once(engine):
 
 
 def test_poisson_sampler_masks_and_overflow():
-    from ablation.data import PoissonSampler, synthetic
+    from ablation.data.samplers import PoissonSampler, synthetic
     from models import DATASETS
     data = synthetic(DATASETS["adult"], seed=0, n=1_000)
     # A capacity equal to the expected batch overflows about half the time.

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from ablation import results
-from ablation.config import ConfigError, cell_from_dict
-from ablation.jobs import MEASUREMENT_FIELDS
+from ablation.report import records as results
+from ablation.report.summary import format_summary, summary_table
 from ablation.run import CONF_DIR
-from ablation.summary import format_summary, summary_table
+from ablation.sweep.config import ConfigError, cell_from_dict
+from ablation.sweep.jobs import MEASUREMENT_FIELDS
 from tests.cli import QUICK, run_cli
 
 #: Fields DESIGN.md promises in every timing record.

@@ -10,9 +10,11 @@ pytest.importorskip("opacus", reason="the torch extra is not installed (make tor
 
 import jax  # noqa: E402
 
-from ablation import clipped_grad_sum  # noqa: E402
-from ablation import results  # noqa: E402
-from ablation import torch_ref  # noqa: E402
+from ablation import (
+    clipped_grad_sum,  # noqa: E402
+    results,  # noqa: E402
+)
+from ablation.reference import opacus as torch_ref  # noqa: E402
 from models import MODEL_NAMES, count_params, get_model  # noqa: E402
 from tests.cli import QUICK, run_cli  # noqa: E402
 from tests.conftest import reference_per_example_grads, small_batch  # noqa: E402
@@ -95,9 +97,9 @@ def test_sweep_with_opacus_beside_jax(tmp_path):
 def test_opacus_refusal_becomes_an_error_record_with_its_message(tmp_path, monkeypatch):
     """Every mode runs every model of the paper (see the closing note), so a refusal is made
     real: a BatchNorm layer, which Opacus' validator rejects for private training."""
-    from ablation import worker
-    from ablation.config import CellConfig, TimingConfig
-    from ablation.results import read_json, write_json
+    from ablation.measure.settings import CellConfig, TimingConfig
+    from ablation.report.records import read_json, write_json
+    from ablation.sweep import worker
 
     original = torch_ref.build
     monkeypatch.setattr(torch_ref, "build", lambda name: torch.nn.Sequential(

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 
 def _report(folder: Path) -> None:
-    from ablation.summary import sweep_records
+    from ablation.report.summary import sweep_records
     frame = sweep_records(folder)
     if frame.empty:
         return
@@ -21,12 +21,12 @@ def _report(folder: Path) -> None:
 
 
 def _report_kind(folder: Path, frame, kind: str) -> None:
-    from ablation.summary import format_summary, summary_table
+    from ablation.report.summary import format_summary, summary_table
     if kind == "timing":
         text = format_summary(frame)
         summary_table(frame).to_csv(folder / "summary.csv", index=False)
     else:
-        from ablation.probe import format_memory_summary
+        from ablation.report.summary import format_memory_summary
         text = format_memory_summary(frame)
     (folder / f"summary_{kind}.txt").write_text(text + "\n")
     print(f"\n=== summary ({folder}) ===\n{text}\n", flush=True)

@@ -1,98 +1,33 @@
-"""Typed, validated run settings: what the Hydra shell hands to the pure core.
+"""From the Hydra tree to typed settings: validation with one-line errors.
 
 Entry points turn their resolved ``DictConfig`` into a plain dict and call
-:func:`cell_from_dict`; everything below the shell sees only these frozen dataclasses. Every
-invalid value raises :class:`ConfigError` with one line naming the key.
+:func:`cell_from_dict` (and :func:`probe_settings_from_dict`); everything below the shell sees
+only the frozen dataclasses of :mod:`ablation.measure.settings`. Every invalid value raises
+:class:`ConfigError` with one line naming the key.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Mapping
 
-from ablation.data import SOURCES
-from ablation.engines import ENGINES, LOOPS
-from ablation.privacy import ACCOUNTANTS, SAMPLINGS
+from ablation.core.engines import ENGINES, LOOPS
+from ablation.core.privacy import ACCOUNTANTS, SAMPLINGS
+from ablation.data.samplers import SOURCES
+from ablation.measure.settings import (
+    OPACUS_MODES,
+    REFERENCE_ENGINES,
+    TIMING_MODES,
+    CellConfig,
+    PrivacyConfig,
+    ProbeSettings,
+    TimingConfig,
+)
 from models import MODEL_NAMES
-
-TIMING_MODES = ("budget", "epochs")
-#: Engines outside the JAX registry (reference rows from other frameworks).
-REFERENCE_ENGINES = ("opacus",)
-OPACUS_MODES = ("hooks", "ghost", "functorch", "ew")
 
 
 class ConfigError(ValueError):
     """A bad configuration value; the message is one line that names the key."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TimingConfig:
-    """How a cell is timed.
-
-    Attributes:
-      mode: ``budget`` (up to ``max_steps`` steady steps or ``budget_s`` seconds; epoch time
-        estimated as steps_per_epoch × median step) or ``epochs`` (``epochs`` full passes).
-      epochs: full passes in ``epochs`` mode.
-      max_steps: most steady-state steps in ``budget`` mode.
-      budget_s: seconds of steady-state stepping in ``budget`` mode (checked between steps).
-      warmup_steps: steps after the first that are run but not reported.
-      min_steps: steady-state steps taken even past the budget, so a median exists.
-      timeout_s: the cell's wall-clock limit; past it the cell is killed, status ``timeout``.
-      progress: show a progress bar.
-    """
-
-    mode: str = "budget"
-    epochs: int = 20
-    max_steps: int = 100
-    budget_s: float = 10.0
-    warmup_steps: int = 2
-    min_steps: int = 3
-    timeout_s: float = 1800.0
-    progress: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
-class PrivacyConfig:
-    """DP-SGD and accounting settings (paper defaults: C 1.0, σ 1.1, δ 1e-5)."""
-
-    clip_norm: float = 1.0
-    noise_multiplier: float = 1.1
-    delta: float = 1e-5
-    accountant: str = "pld"
-    target_epsilon: float | None = None
-    sampling: str = "shuffle"
-    capacity_sigmas: float = 5.0
-
-
-@dataclasses.dataclass(frozen=True)
-class CellConfig:
-    """One cell of the grid: engine × model × batch size × privacy, and how to time it."""
-
-    engine: str = "both"
-    loop: str = "dispatch"
-    engine_mode: str | None = None  # opacus grad-sample mode
-    model: str = "ffnn"
-    unroll: str = "static"
-    data: str = "synthetic"
-    data_limit: int | None = None
-    data_cache_dir: str | None = None
-    download: bool = True
-    batch_size: int = 64
-    private: bool = True
-    epochs: int = 20
-    seed: int = 42
-    lr: float = 0.15
-    dp: PrivacyConfig = PrivacyConfig()
-    timing: TimingConfig = TimingConfig()
-
-    @property
-    def is_reference(self) -> bool:
-        """True for engines of other frameworks (Opacus)."""
-        return self.engine in REFERENCE_ENGINES
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,17 +134,8 @@ def cell_from_dict(cfg: Mapping[str, Any]) -> CellConfig:
     )
 
 
-def cell_from_plain(d: Mapping[str, Any]) -> CellConfig:
-    """Rebuild a :class:`CellConfig` from :meth:`CellConfig.to_dict` (worker side)."""
-    d = dict(d)
-    d["dp"] = PrivacyConfig(**d["dp"])
-    d["timing"] = TimingConfig(**d["timing"])
-    return CellConfig(**d)
-
-
 def probe_settings_from_dict(memory: Mapping[str, Any] | None):
-    """Validate the ``memory`` section into :class:`ablation.probe.ProbeSettings`."""
-    from ablation.probe import ProbeSettings
+    """Validate the ``memory`` section into :class:`ablation.measure.probe.ProbeSettings`."""
     m = dict(memory or {})
     limit = m.get("limit_gb", 2.0)
     growth = _float(m.get("growth", 2.0), "memory.growth", positive=True)

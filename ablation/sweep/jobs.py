@@ -1,7 +1,7 @@
 """One grid cell as a job: privacy accounting, resume, the worker, and its record.
 
 Hydra-free: the entry points (:mod:`ablation.run`) validate their config into a
-:class:`~ablation.config.CellConfig` and call :func:`run_timing_job` with the job's folder.
+:class:`~ablation.measure.settings.CellConfig` and call :func:`run_timing_job` with the job's folder.
 The parent process never touches the accelerator; all device work happens in the worker.
 """
 
@@ -12,12 +12,22 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from ablation.config import CellConfig
-from ablation.data import poisson_capacity
-from ablation.launch import run_worker
-from ablation.privacy import PrivacyReport, privacy_report
-from ablation.results import (RESULT_FILE, SCHEMA, SKIPPED_FILE, config_hash, environment,
-                              find_ok_record, now_iso, one_line, read_json, write_json)
+from ablation.core.privacy import PrivacyReport, privacy_report
+from ablation.data.samplers import poisson_capacity
+from ablation.measure.settings import CellConfig
+from ablation.report.records import (
+    RESULT_FILE,
+    SCHEMA,
+    SKIPPED_FILE,
+    config_hash,
+    environment,
+    find_ok_record,
+    now_iso,
+    one_line,
+    read_json,
+    write_json,
+)
+from ablation.sweep.launch import run_worker
 from models import get_model
 
 #: Measurement fields every timing record has (null until measured).
@@ -140,7 +150,7 @@ def run_timing_job(cell: CellConfig, config: Mapping[str, Any], job_dir: str | P
 
 def fetch_real_data(cell: CellConfig) -> str | None:
     """Download and verify the cell's real dataset in the parent; a one-line error or None."""
-    from ablation.datasets import DatasetUnavailable, fetch_all
+    from ablation.data.datasets import DatasetUnavailable, fetch_all
     try:
         fetch_all(get_model(cell.model).dataset.name, cell.data_cache_dir, download=cell.download)
     except DatasetUnavailable as error:
@@ -207,7 +217,7 @@ def run_memory_job(cell: CellConfig, settings: Any, config: Mapping[str, Any],
     Raises:
       ValueError: the cap exceeds the machine's (or device's) memory, before any try runs.
     """
-    from ablation.probe import Try, predicted_max, search
+    from ablation.measure.probe import Try, predicted_max, search
 
     job_dir, record, done = open_job(cell, config, "memory", job_dir, resume, resume_root)
     if done is not None:

@@ -1,4 +1,4 @@
-"""The child process that measures one cell: ``python -m ablation.worker SPEC OUT``.
+"""The child process that measures one cell: ``python -m ablation.sweep.worker SPEC OUT``.
 
 Each cell runs in a fresh process, so no cell's compile caches, allocator state or failures
 reach the next. SPEC is a JSON file written by the parent; OUT receives the measurement (or
@@ -35,12 +35,12 @@ def run_task(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _timing(spec: dict[str, Any]) -> dict[str, Any]:
-    from ablation.config import cell_from_plain
+    from ablation.measure.settings import cell_from_plain
     cell = cell_from_plain(spec["cell"])
     if cell.engine == "opacus":
-        from ablation.torch_ref import time_cell_torch
+        from ablation.reference.opacus import time_cell_torch
         return time_cell_torch(cell, spec["noise_multiplier"])
-    from ablation.timing import time_cell
+    from ablation.measure.timing import time_cell
     return time_cell(cell, spec["noise_multiplier"])
 
 
@@ -50,9 +50,9 @@ def _memory_try(spec: dict[str, Any]) -> dict[str, Any]:
         jax.config.update("jax_cpu_enable_async_dispatch", False)
     except (AttributeError, KeyError, ValueError):
         pass
-    from ablation.config import cell_from_plain
-    from ablation.probe import try_batch
-    from ablation.results import write_json
+    from ablation.measure.probe import try_batch
+    from ablation.measure.settings import cell_from_plain
+    from ablation.report.records import write_json
     partial = spec.get("partial_path")
 
     def on_predicted(predicted_bytes: int) -> None:
@@ -66,14 +66,15 @@ def _memory_try(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _expected(error: BaseException) -> bool:
     """Errors whose message says it all (bad input, missing data, out of memory): no traceback."""
-    from ablation.datasets import DatasetUnavailable
-    from ablation.failures import is_out_of_memory
+    from ablation.data.datasets import DatasetUnavailable
+    from ablation.sweep.failures import is_out_of_memory
     return isinstance(error, (DatasetUnavailable, ValueError)) or is_out_of_memory(error)
 
 
 def _device_info(spec: dict[str, Any]) -> dict[str, Any]:
     """The first device's platform, kind and memory in bytes (GPU: what XLA may allocate)."""
     import os
+
     import jax
     device = jax.devices()[0]
     total = None
@@ -94,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out")
     args = parser.parse_args(argv)
 
-    from ablation.failures import status_of
-    from ablation.results import environment, one_line, read_json, write_json
+    from ablation.report.records import environment, one_line, read_json, write_json
+    from ablation.sweep.failures import status_of
 
     spec = read_json(args.spec)
     _isolate_jax()

@@ -27,8 +27,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ablation.engines import (DispatchLoop, Engine, LossFn, PyTree, check_batch, check_clip_norm,
-                              get_engine, traced_sum_strategy)
+from ablation.core.engines import (
+    DispatchLoop,
+    Engine,
+    LossFn,
+    PyTree,
+    check_batch,
+    check_clip_norm,
+    get_engine,
+    traced_sum_strategy,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,7 +244,7 @@ def make_step(engine: Engine | str, loss_fn: LossFn, optimizer: optax.GradientTr
     """A training step ``step(params, opt_state, x, y, key[, mask]) -> (params, opt_state)``.
 
     Args:
-      engine: an :class:`~ablation.engines.Engine` or its name.
+      engine: an :class:`~ablation.core.engines.Engine` or its name.
       loss_fn: ``loss_fn(params, x1, y1) -> scalar`` for ONE example.
       optimizer: an optax transformation (e.g. :func:`sgd`).
       dp: a :class:`DPConfig` for DP-SGD, or None for non-private SGD on the batch's mean loss

@@ -14,7 +14,7 @@ process, so a failure cannot poison the next try:
   batch and the step's buffers, not Python, JAX or the compiler.
 
 Out of memory is what the runtime raises (``RESOURCE_EXHAUSTED``, ``MemoryError``) or the
-worker's death by signal under the cap (:mod:`ablation.failures`); any other failure stops the
+worker's death by signal under the cap (:mod:`ablation.sweep.failures`); any other failure stops the
 probe with status ``error``. For jit engines every try also records the peak the compiled step
 predicts (``compiled.memory_analysis()``), and ``predict_only`` searches on predictions alone,
 compiling but running nothing.
@@ -32,36 +32,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 
-from ablation.config import CellConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class ProbeSettings:
-    """Search settings (``memory.*`` in the config).
-
-    Attributes:
-      start: first batch size tried.
-      growth: factor between successive sizes while growing (> 1).
-      resolution: stop bisecting when the gap between the largest size that fit and the
-        smallest that did not is at most this: a count of examples when ≥ 1, a fraction of
-        the size that fit when < 1.
-      max_batch_size: stop growing here (the record then says ``reached_max``).
-      limit_gb: the cap in GiB (None: no cap, the whole device or machine).
-      predict_only: decide by ``memory_analysis()`` predictions (jit engines), run nothing.
-      timeout_s: limit of one try.
-    """
-
-    start: int = 16
-    growth: float = 2.0
-    resolution: float = 0.05
-    max_batch_size: int = 1 << 20
-    limit_gb: float | None = 2.0
-    predict_only: bool = False
-    timeout_s: float = 600.0
-
-    @property
-    def limit_bytes(self) -> int | None:
-        return None if self.limit_gb is None else int(self.limit_gb * (1 << 30))
+from ablation.measure.settings import CellConfig, ProbeSettings
 
 
 class CapExceeded(MemoryError):
@@ -281,9 +252,9 @@ def try_batch(cell: CellConfig, noise_multiplier: float, batch_size: int, *,
     probe measures the step). Exceptions propagate to the worker, which classifies them;
     ``on_predicted`` receives the compiled step's predicted peak before the step runs.
     """
-    from ablation.data import synthetic
-    from ablation.dpsgd import DPConfig, make_step, sgd
-    from ablation.engines import get_engine
+    from ablation.core.dpsgd import DPConfig, make_step, sgd
+    from ablation.core.engines import get_engine
+    from ablation.data.samplers import synthetic
     from models import get_model
 
     start = time.perf_counter()
@@ -340,7 +311,7 @@ def try_batch(cell: CellConfig, noise_multiplier: float, batch_size: int, *,
             if on_cpu and cap_bytes is not None and not isinstance(error, MemoryError):
                 # The same step has just run without the cap, so the cap is what broke it,
                 # however the failing allocation reported itself (XLA status, INTERNAL error).
-                from ablation.results import one_line
+                from ablation.report.records import one_line
                 raise CapExceeded(f"fails under the cap, runs without it: {one_line(error)}") \
                     from error
             raise
@@ -360,32 +331,3 @@ def try_batch(cell: CellConfig, noise_multiplier: float, batch_size: int, *,
         # keeps its prediction (the sizes that did not fit are where it is worth comparing).
         on_predicted(predicted)
     return measure()
-
-
-def format_memory_summary(frame) -> str:
-    """The table printed after a probe: max batch per engine and model, with the cap."""
-    import pandas as pd
-    if frame.empty:
-        return "(no memory records)"
-    rows = []
-    for _, r in frame.iterrows():
-        tried = r.get("tried") or []
-        at_max = next((t for t in tried if t["batch_size"] == r.get("max_batch_size")), {})
-        limit = r.get("limit_bytes")
-        rows.append({
-            "engine": r["engine"], "model": r["model"],
-            "private": "yes" if r["private"] else "no",
-            "cap GiB": "-" if limit is None or limit != limit else f"{limit / (1 << 30):.2f}",
-            "status": r["status"],
-            "max batch": r.get("max_batch_size"),
-            "peak MiB": _mib(at_max.get("peak_bytes")),
-            "predicted MiB": _mib(at_max.get("predicted_bytes")),
-            "predicted max": r.get("predicted_max_batch_size"),
-            "tries": len(tried),
-        })
-    table = pd.DataFrame(rows).sort_values(["model", "engine"])
-    return table.to_string(index=False)
-
-
-def _mib(value) -> str:
-    return "-" if value is None else f"{value / (1 << 20):.0f}"

@@ -2,7 +2,7 @@
 
 ``load_training_set`` gives the whole training set as device arrays (synthetic by default:
 the real dataset's shapes, dtypes and class counts, deterministic by seed; ``real`` reads the
-cached files through :mod:`ablation.datasets`). The samplers draw every batch on the device with
+cached files through :mod:`ablation.data.datasets`). The samplers draw every batch on the device with
 one compiled call, so a step is timed without any host copy or data work inside the clock.
 """
 
@@ -74,7 +74,7 @@ def load_training_set(spec: DatasetSpec, source: str, *, seed: int, limit: int |
     if source == "synthetic":
         n = spec.n_train if limit is None else min(limit, spec.n_train)
         return synthetic(spec, seed, n)
-    from ablation import datasets  # real files: only imported when asked for
+    from ablation.data import datasets  # real files: only imported when asked for
 
     x, y = datasets.load(spec.name, cache_dir=cache_dir, download=download)
     if limit is not None:

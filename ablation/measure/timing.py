@@ -27,10 +27,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ablation.config import CellConfig, TimingConfig
-from ablation.data import Batch, PoissonSampler, ShuffleSampler, load_training_set, poisson_capacity
-from ablation.dpsgd import DPConfig, make_step, sgd
-from ablation.engines import get_engine
+from ablation.core.dpsgd import DPConfig, make_step, sgd
+from ablation.core.engines import get_engine
+from ablation.data.samplers import (
+    Batch,
+    PoissonSampler,
+    ShuffleSampler,
+    load_training_set,
+    poisson_capacity,
+)
+from ablation.measure.settings import CellConfig, TimingConfig
 from models import count_params, get_model
 
 EVAL_EXAMPLES = 1024
@@ -204,7 +210,7 @@ def time_cell(cell: CellConfig, noise_multiplier: float) -> dict[str, Any]:
 
 def _test_accuracy(model, params, cell: CellConfig) -> float | None:
     """Accuracy on the real test split (None where the dataset has none, e.g. Adult)."""
-    from ablation import datasets
+    from ablation.data import datasets
     try:
         x, y = datasets.load(model.dataset.name, split="test", cache_dir=cell.data_cache_dir,
                              download=cell.download)

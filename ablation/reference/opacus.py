@@ -1,7 +1,7 @@
 """Reference rows: the paper's six models in PyTorch, trained privately with Opacus.
 
 ``engine=opacus`` times the same cell as the JAX engines, with the same timing protocol
-(:func:`ablation.timing.run_timing_loop`): data on the device before timing, batches drawn
+(:func:`ablation.measure.timing.run_timing_loop`): data on the device before timing, batches drawn
 outside the clock, the device synchronised before every clock read, and ``compile_s`` null
 (nothing is compiled ahead). ``engine.mode`` picks Opacus' grad-sample mode (``hooks``,
 ``ghost``, ``functorch``, ``ew``); ``private=false`` gives plain PyTorch SGD.
@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ablation.config import CellConfig
+from ablation.measure.settings import CellConfig
 from models import get_model
 from models.nets import IMDB_VOCAB_ROWS
 
@@ -221,7 +221,7 @@ def _sync(device: torch.device) -> None:
 def _training_set(cell: CellConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     spec = get_model(cell.model).dataset
     if cell.data == "real":
-        from ablation import datasets
+        from ablation.data import datasets
         x, y = datasets.load(spec.name, cache_dir=cell.data_cache_dir, download=cell.download)
         if cell.data_limit is not None:
             x, y = x[:cell.data_limit], y[:cell.data_limit]
@@ -241,7 +241,7 @@ def environment_torch(device: torch.device) -> dict[str, Any]:
     """The record's ``env`` for a PyTorch cell: versions and the device PyTorch ran on."""
     import opacus
 
-    from ablation.results import environment
+    from ablation.report.records import environment
     env = environment(devices=False)
     env.update(torch=torch.__version__, opacus=opacus.__version__, platform=device.type,
                device_kind=(torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -252,8 +252,8 @@ def environment_torch(device: torch.device) -> dict[str, Any]:
 
 
 def time_cell_torch(cell: CellConfig, noise_multiplier: float) -> dict[str, Any]:
-    """Time one PyTorch/Opacus cell; the same fields as :func:`ablation.timing.time_cell`."""
-    from ablation.timing import run_timing_loop
+    """Time one PyTorch/Opacus cell; the same fields as :func:`ablation.measure.timing.time_cell`."""
+    from ablation.measure.timing import run_timing_loop
 
     device = _device()
     torch.manual_seed(cell.seed)

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from ablation.failures import status_of_exit
-from ablation.results import read_json, write_json
+from ablation.report.records import read_json, write_json
+from ablation.sweep.failures import status_of_exit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,7 @@ def run_process(argv: list[str], *, timeout_s: float, env: Mapping[str, str] | N
 
     The child inherits stdout/stderr (its progress bar shows live). On timeout its whole
     process group is killed and the result says ``timeout``; a child that ends without writing
-    ``out_path`` gets a status from its exit (:func:`ablation.failures.status_of_exit`), where
+    ``out_path`` gets a status from its exit (:func:`ablation.sweep.failures.status_of_exit`), where
     ``memory_capped`` says it ran under a memory cap (death by signal then means out of memory).
     """
     child_env = dict(os.environ)
@@ -73,7 +73,7 @@ def run_process(argv: list[str], *, timeout_s: float, env: Mapping[str, str] | N
 def run_worker(spec: Mapping[str, Any], workdir: str | os.PathLike, *, timeout_s: float,
                name: str = "cell", env: Mapping[str, str] | None = None,
                memory_capped: bool = False) -> ChildOutcome:
-    """Run ``python -m ablation.worker`` on ``spec`` in ``workdir`` (see :func:`run_process`).
+    """Run ``python -m ablation.sweep.worker`` on ``spec`` in ``workdir`` (see :func:`run_process`).
 
     The worker may report fields before it finishes into ``spec["partial_path"]``; they are
     merged into the result under whatever the worker wrote at the end.
@@ -84,7 +84,7 @@ def run_worker(spec: Mapping[str, Any], workdir: str | os.PathLike, *, timeout_s
     spec_path = write_json(workdir / f"{name}.spec.json",
                            {**spec, "partial_path": str(partial_path)})
     out_path = workdir / f"{name}.out.json"
-    outcome = run_process([sys.executable, "-m", "ablation.worker", str(spec_path),
+    outcome = run_process([sys.executable, "-m", "ablation.sweep.worker", str(spec_path),
                            str(out_path)], timeout_s=timeout_s, env=env,
                           memory_capped=memory_capped, out_path=out_path)
     if partial_path.exists():

@@ -1,0 +1,121 @@
+"""Typed settings of one measurement: the frozen values that timing and the memory probe consume.
+
+The Hydra shell (:mod:`ablation.sweep.config`) validates a resolved config into these; nothing
+below the shell sees a ``DictConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+TIMING_MODES = ("budget", "epochs")
+#: Engines outside the JAX registry (reference rows from other frameworks).
+REFERENCE_ENGINES = ("opacus",)
+OPACUS_MODES = ("hooks", "ghost", "functorch", "ew")
+
+
+@dataclasses.dataclass(frozen=True)
+class TimingConfig:
+    """How a cell is timed.
+
+    Attributes:
+      mode: ``budget`` (up to ``max_steps`` steady steps or ``budget_s`` seconds; epoch time
+        estimated as steps_per_epoch × median step) or ``epochs`` (``epochs`` full passes).
+      epochs: full passes in ``epochs`` mode.
+      max_steps: most steady-state steps in ``budget`` mode.
+      budget_s: seconds of steady-state stepping in ``budget`` mode (checked between steps).
+      warmup_steps: steps after the first that are run but not reported.
+      min_steps: steady-state steps taken even past the budget, so a median exists.
+      timeout_s: the cell's wall-clock limit; past it the cell is killed, status ``timeout``.
+      progress: show a progress bar.
+    """
+
+    mode: str = "budget"
+    epochs: int = 20
+    max_steps: int = 100
+    budget_s: float = 10.0
+    warmup_steps: int = 2
+    min_steps: int = 3
+    timeout_s: float = 1800.0
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyConfig:
+    """DP-SGD and accounting settings (paper defaults: C 1.0, σ 1.1, δ 1e-5)."""
+
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.1
+    delta: float = 1e-5
+    accountant: str = "pld"
+    target_epsilon: float | None = None
+    sampling: str = "shuffle"
+    capacity_sigmas: float = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CellConfig:
+    """One cell of the grid: engine × model × batch size × privacy, and how to time it."""
+
+    engine: str = "both"
+    loop: str = "dispatch"
+    engine_mode: str | None = None  # opacus grad-sample mode
+    model: str = "ffnn"
+    unroll: str = "static"
+    data: str = "synthetic"
+    data_limit: int | None = None
+    data_cache_dir: str | None = None
+    download: bool = True
+    batch_size: int = 64
+    private: bool = True
+    epochs: int = 20
+    seed: int = 42
+    lr: float = 0.15
+    dp: PrivacyConfig = PrivacyConfig()
+    timing: TimingConfig = TimingConfig()
+
+    @property
+    def is_reference(self) -> bool:
+        """True for engines of other frameworks (Opacus)."""
+        return self.engine in REFERENCE_ENGINES
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def cell_from_plain(d: Mapping[str, Any]) -> CellConfig:
+    """Rebuild a :class:`CellConfig` from :meth:`CellConfig.to_dict` (worker side)."""
+    d = dict(d)
+    d["dp"] = PrivacyConfig(**d["dp"])
+    d["timing"] = TimingConfig(**d["timing"])
+    return CellConfig(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeSettings:
+    """Search settings (``memory.*`` in the config).
+
+    Attributes:
+      start: first batch size tried.
+      growth: factor between successive sizes while growing (> 1).
+      resolution: stop bisecting when the gap between the largest size that fit and the
+        smallest that did not is at most this: a count of examples when ≥ 1, a fraction of
+        the size that fit when < 1.
+      max_batch_size: stop growing here (the record then says ``reached_max``).
+      limit_gb: the cap in GiB (None: no cap, the whole device or machine).
+      predict_only: decide by ``memory_analysis()`` predictions (jit engines), run nothing.
+      timeout_s: limit of one try.
+    """
+
+    start: int = 16
+    growth: float = 2.0
+    resolution: float = 0.05
+    max_batch_size: int = 1 << 20
+    limit_gb: float | None = 2.0
+    predict_only: bool = False
+    timeout_s: float = 600.0
+
+    @property
+    def limit_bytes(self) -> int | None:
+        return None if self.limit_gb is None else int(self.limit_gb * (1 << 30))

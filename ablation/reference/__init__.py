@@ -1,0 +1,2 @@
+"""Other frameworks' rows, timed by the same protocol as the JAX engines (Opacus/PyTorch).
+"""

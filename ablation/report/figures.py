@@ -1,0 +1,296 @@
+"""The paper's figures from result frames (seaborn), and ``python -m ablation.figures``.
+
+Each figure function takes a frame of :mod:`ablation.report.analysis` and returns a matplotlib
+``Figure``; one palette and one engine order everywhere; axis labels carry units. Cells a
+figure is asked for and the frame lacks raise :class:`ablation.report.analysis.MissingCells`.
+
+``python -m ablation.figures outputs --out outputs/figures`` draws every figure the results
+under ``outputs/`` support, one folder per device, as PNG and PDF, running no experiment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+from ablation.report import analysis
+from ablation.report.analysis import MissingCells, require
+
+SYSTEM_ORDER = ("both", "jit", "jit[unrolled]", "jit[scan]", "vmap", "none", "opacus",
+                "opacus[ghost]", "opacus[functorch]", "opacus[ew]", "pytorch")
+_colors = sns.color_palette("colorblind", 8)
+PALETTE = {"both": _colors[0], "jit": _colors[1], "jit[unrolled]": _colors[1],
+           "jit[scan]": _colors[1], "vmap": _colors[2], "none": _colors[7],
+           "opacus": _colors[3], "opacus[ghost]": _colors[4], "opacus[functorch]": _colors[5],
+           "opacus[ew]": _colors[6], "pytorch": _colors[3]}
+ENGINE_NAMES = {"both": "jit + vmap", "jit": "jit only", "vmap": "vmap only", "none": "neither",
+                "opacus": "Opacus", "pytorch": "PyTorch"}
+
+
+def _system(frame: pd.DataFrame) -> pd.Series:
+    """The bar label: the engine, or ``pytorch`` for Opacus' non-private (plain PyTorch) rows."""
+    return frame.apply(lambda r: "pytorch" if r.get("framework") == "pytorch"
+                       else r["engine_label"], axis=1)
+
+
+def _order(present: Sequence[str]) -> list[str]:
+    known = [s for s in SYSTEM_ORDER if s in set(present)]
+    return known + sorted(set(present) - set(known))
+
+
+def _label_bars(ax, fmt: str = "{:.3g}") -> None:
+    for container in ax.containers:
+        labels = [fmt.format(v) if v == v and v is not None else "" for v in container.datavalues]
+        ax.bar_label(container, labels=labels, fontsize=7, padding=1, rotation=90)
+
+
+def _times(value: float) -> str:
+    """``×1.77``, ``×31``, ``×1,640``: how many times slower than jit + vmap."""
+    return f"×{value:,.0f}" if value >= 100 else f"×{value:.3g}"
+
+
+def _headroom(ax) -> None:
+    """Room above the tallest bar of a log axis for its rotated label."""
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, high * 6)
+
+
+def _device_title(frame: pd.DataFrame) -> str:
+    devices = sorted(frame["device"].unique()) if "device" in frame and len(frame) else []
+    return f" — {', '.join(devices)}" if devices else ""
+
+
+def runtimes(frame: pd.DataFrame, model: str, *, batch_sizes: Sequence[int] | None = None,
+             systems: Sequence[str] | None = None) -> plt.Figure:
+    """Median epoch time per engine/framework, hue = batch size; private and non-private panels.
+
+    The paper's Figures 1–11 for one model. ``batch_sizes``/``systems`` pin the cells drawn
+    (each must exist); by default every cell of the model in ``frame`` is drawn.
+    """
+    data = frame[frame["model"] == model].copy()
+    if data.empty:
+        raise MissingCells(f"no ok result for model {model}")
+    data["system"] = _system(data)
+    if batch_sizes is not None or systems is not None:
+        require(data, system=systems or sorted(data["system"].unique()),
+                batch_size=batch_sizes or sorted(data["batch_size"].unique()))
+        data = data[data["system"].isin(systems or data["system"].unique())
+                    & data["batch_size"].isin(batch_sizes or data["batch_size"].unique())]
+    panels = [p for p in (True, False) if (data["private"] == p).any()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    hue_order = sorted(data["batch_size"].unique())
+    # One colour per batch size in both panels, also where a panel lacks some sizes.
+    colours = dict(zip(hue_order, sns.color_palette("viridis", len(hue_order))))
+    for ax, private in zip(axes[0], panels):
+        part = data[data["private"] == private]
+        present = [b for b in hue_order if (part["batch_size"] == b).any()]
+        sns.barplot(part, x="system", y="median_epoch_s", hue="batch_size", ax=ax,
+                    order=_order(part["system"].unique()), hue_order=present,
+                    palette={b: colours[b] for b in present}, errorbar=None)
+        ax.set_yscale("log")
+        ax.set_title(f"{model}, {'private (DP-SGD)' if private else 'non-private (SGD)'}")
+        ax.set_xlabel("engine / framework")
+        ax.set_ylabel("median epoch time (s, log scale)")
+        ax.legend(title="batch size", fontsize=8)
+        _label_bars(ax)
+        _headroom(ax)
+    fig.suptitle(f"Runtime per epoch{_device_title(data)}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def ablation(frame: pd.DataFrame, *, batch_size: int, models: Sequence[str] | None = None,
+             private: bool = True) -> plt.Figure:
+    """The paper's §4.1: epoch time of the four engines per model at one batch size (log)."""
+    table = analysis.ablation_speedups(frame, batch_size=batch_size, private=private,
+                                       models=models)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * table["model"].nunique(), 4.2))
+    engines = ["both", "jit", "vmap", "none"]
+    order = analysis.models_in(table)
+    sns.barplot(table, x="model", y="median_epoch_s", hue="engine_label", hue_order=engines,
+                palette=PALETTE, ax=ax, errorbar=None, order=order)
+    ax.set_yscale("log")
+    for container, engine in zip(ax.containers, engines):
+        speed = table[table["engine_label"] == engine].set_index("model")["both_speedup"]
+        ax.bar_label(container, labels=[_times(speed[m]) if m in speed else "" for m in order],
+                     fontsize=7, padding=1, rotation=90)
+    _headroom(ax)
+    handles, _ = ax.get_legend_handles_labels()
+    ax.legend(handles, [ENGINE_NAMES[e] for e in engines], title="engine", fontsize=8)
+    ax.set_xlabel("model")
+    ax.set_ylabel("median epoch time (s, log scale)")
+    ax.set_title(f"jit × vmap ablation, {'private' if private else 'non-private'}, batch "
+                 f"{batch_size}{_device_title(frame)}\n(labels: times slower than jit + vmap)",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def compile_times(frame: pd.DataFrame, *, models: Sequence[str] | None = None) -> plt.Figure:
+    """Compile seconds against batch size per engine, one panel per model."""
+    table = analysis.compile_times(frame)
+    if models is not None:
+        require(table, model=models)
+        table = table[table["model"].isin(models)]
+    if table.empty:
+        raise MissingCells("no record with a compile time (no jit engine ran)")
+    model_list = analysis.models_in(table)
+    cols = min(3, len(model_list))
+    rows = math.ceil(len(model_list) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(model_list):]:
+        ax.set_visible(False)
+    for ax, model in zip(axes.flat, model_list):
+        part = table[table["model"] == model]
+        sns.lineplot(part, x="batch_size", y="compile_s", hue="engine_label",
+                     style="private", markers=True, palette=PALETTE, ax=ax,
+                     hue_order=_order(part["engine_label"].unique()))
+        ax.set_xscale("log", base=2)
+        ax.set_title(model)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("compile time (s)")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Compilation time (what epoch medians hide){_device_title(table)}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def max_batch(memory: pd.DataFrame, *, models: Sequence[str] | None = None,
+              engines: Sequence[str] | None = None) -> plt.Figure:
+    """The paper's §4.2: the largest batch that fits per model, with jit and without."""
+    table = analysis.max_batch_sizes(memory)
+    if models is not None or engines is not None:
+        require(table, model=models or sorted(table["model"].unique()),
+                engine_label=engines or sorted(table["engine_label"].unique()))
+        table = table[table["model"].isin(models or table["model"].unique())
+                      & table["engine_label"].isin(engines or table["engine_label"].unique())]
+    if table.empty:
+        raise MissingCells("no ok memory record")
+    order = analysis.models_in(table)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(order), 4.2))
+    sns.barplot(table, x="model", y="max_batch_size", hue="engine_label", order=order,
+                hue_order=_order(table["engine_label"].unique()), palette=PALETTE, ax=ax,
+                errorbar=None)
+    ax.set_yscale("log", base=2)
+    _label_bars(ax, "{:.0f}")
+    _headroom(ax)
+    caps = sorted({f"{g:.2g} GiB" for g in table["limit_gib"].dropna()})
+    ax.set_title(f"Largest batch that fits (cap {', '.join(caps) or 'none'})"
+                 f"{_device_title(table)}", fontsize=9)
+    ax.set_xlabel("model")
+    ax.set_ylabel("max batch size (examples, log scale)")
+    ax.legend(title="engine", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def overhead(frame: pd.DataFrame, *, engine: str = "both",
+             models: Sequence[str] | None = None) -> plt.Figure:
+    """Privacy overhead: private ÷ non-private epoch time per model and batch size."""
+    table = analysis.privacy_overhead(frame)
+    table = table[table["engine_label"] == engine]
+    if models is not None:
+        require(table, model=models)
+        table = table[table["model"].isin(models)]
+    if table.empty:
+        raise MissingCells(f"no private/non-private pair for engine {engine}")
+    order = analysis.models_in(table)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(order), 4.2))
+    sns.barplot(table, x="model", y="overhead", hue="batch_size", order=order, ax=ax,
+                hue_order=sorted(table["batch_size"].unique()), palette="viridis", errorbar=None)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    _label_bars(ax, "{:.2g}")
+    ax.set_xlabel("model")
+    ax.set_ylabel("private ÷ non-private epoch time (×)")
+    ax.set_title(f"Cost of privacy, engine {engine}{_device_title(table)}", fontsize=9)
+    ax.legend(title="batch size", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig: plt.Figure, folder: str | Path, name: str) -> list[Path]:
+    """Write ``name.png`` and ``name.pdf`` into ``folder``; closes the figure."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for suffix in ("png", "pdf"):
+        path = folder / f"{name}.{suffix}"
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def best_ablation_batch(frame: pd.DataFrame, prefer: int = 128) -> tuple[int, list[str]] | None:
+    """The batch size at which most models have all four engines (private), and those models."""
+    private = frame[frame["private"] == True]  # noqa: E712
+    best = None
+    for batch, part in private.groupby("batch_size"):
+        models = [m for m, g in part.groupby("model")
+                  if {"both", "jit", "vmap", "none"} <= set(g["engine_label"])]
+        key = (len(models), batch == prefer, batch)
+        if models and (best is None or key > best[0]):
+            best = (key, int(batch), sorted(models, key=analysis._model_key))
+    return None if best is None else (best[1], best[2])
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
+
+
+def draw_all(roots: Sequence[str | Path], out: str | Path) -> list[Path]:
+    """Every figure the results under ``roots`` support, one folder per device."""
+    frames = [analysis.load(root) for root in roots if Path(root).exists()]
+    timing = pd.concat([f[0] for f in frames], ignore_index=True) if frames else pd.DataFrame()
+    memory = pd.concat([f[1] for f in frames], ignore_index=True) if frames else pd.DataFrame()
+    written: list[Path] = []
+    devices = sorted(set(timing.get("device", pd.Series(dtype=str)))
+                     | set(memory.get("device", pd.Series(dtype=str))))
+    for device in devices:
+        folder = Path(out) / slug(device)
+        t = timing[timing["device"] == device] if len(timing) else timing
+        m = memory[memory["device"] == device] if len(memory) else memory
+        jobs = []
+        for model in analysis.models_in(t):
+            jobs.append((f"runtimes_{model}", lambda model=model: runtimes(t, model)))
+        choice = best_ablation_batch(t) if len(t) else None
+        if choice:
+            jobs.append(("ablation", lambda: ablation(t, batch_size=choice[0], models=choice[1])))
+        if len(t) and t["compile_s"].notna().any():
+            jobs.append(("compile_times", lambda: compile_times(t)))
+        if len(t) and not analysis.privacy_overhead(t).query("engine_label == 'both'").empty:
+            jobs.append(("privacy_overhead", lambda: overhead(t)))
+        if len(m):
+            jobs.append(("max_batch", lambda: max_batch(m)))
+        for name, draw in jobs:
+            written += save(draw(), folder, name)
+        print(f"{device}: {len(jobs)} figures in {folder}")
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Draw every figure from result records.")
+    parser.add_argument("roots", nargs="*", default=["outputs"],
+                        help="folders searched for result.json (default: outputs)")
+    parser.add_argument("--out", default="outputs/figures", help="where figures go")
+    args = parser.parse_args(argv)
+    written = draw_all(args.roots, args.out)
+    if not written:
+        print("no results found: run `python -m ablation.run` first", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,2 @@
+"""The Hydra shell and process plumbing: config conversion, jobs, worker processes, failures.
+"""
