@@ -7,8 +7,10 @@ PY := $(VENV)/bin/python
 # A CPU build of PyTorch that is on disk on the development machine (no multi-GB download).
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
+# Folders of records that `make figures` draws (one run or sweep folder, or all of outputs/).
+RUNS ?= outputs
 
-.PHONY: venv torch run cell memory test test-all figures paper clean
+.PHONY: venv torch run cell memory test test-all figures notebooks lab paper clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -39,13 +41,23 @@ test: torch  ## the default suite (slow tests excluded)
 test-all: torch
 	$(PY) -m pytest $(ARGS)
 
-figures: venv  ## every figure from the results under outputs/ (runs no experiment)
-	$(PY) -m ablation.figures outputs --out outputs/figures
+figures: venv  ## every figure from the records under $(RUNS) (runs no experiment)
+	$(PY) -m ablation.figures $(RUNS) --out outputs/figures
 
-paper: torch  ## the paper's experiments trimmed for a CPU (~90 min on 2 cores), then the figures
+notebooks: venv  ## execute the notebooks headless into outputs/notebooks (with their outputs)
+	mkdir -p outputs/notebooks
+	cp notebooks/*.ipynb outputs/notebooks/
+	cd outputs/notebooks && ../../$(VENV)/bin/jupyter execute --inplace *.ipynb
+
+lab: venv  ## open the notebooks in JupyterLab (installed into .venv on first use)
+	$(PY) -m pip install --quiet -e ".[dev,notebooks]"
+	$(VENV)/bin/jupyter lab notebooks/
+
+paper: torch  ## the paper's experiments trimmed for a CPU (~2 h on 2 cores), then the figures
 	$(PY) -m ablation.run -m experiment=reference_cpu $(ARGS)
 	$(PY) -m ablation.memory -m experiment=memory $(ARGS)
 	$(MAKE) figures
 
-clean:
-	rm -rf $(VENV) .pytest_cache outputs/runs outputs/multirun outputs/figures
+clean:  ## remove .venv, caches and every run under outputs/ (never outputs/reference)
+	rm -rf $(VENV) .pytest_cache
+	find outputs -mindepth 1 -maxdepth 1 ! -name reference -exec rm -rf {} +

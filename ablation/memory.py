@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from ablation.sweep.config import ConfigError, probe_settings_from_dict
-from ablation.sweep.shell import CONF_DIR, config_or_exit, exit_with_error
+from ablation.sweep.shell import CONF_DIR, config_or_exit, exit_with_error, experiment_name
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -35,7 +35,8 @@ def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     try:
         record = run_memory_job(cell, settings, plain, hydra_cfg.runtime.output_dir,
-                                resume=cfg.resume, resume_root=cfg.paths.output_dir)
+                                resume=cfg.resume, resume_root=cfg.paths.output_dir,
+                                experiment=experiment_name())
     except ValueError as error:  # a cap above the machine's memory: nothing ran
         exit_with_error(error)
     if hydra_cfg.mode == RunMode.RUN and record.get("status") != "ok":

@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from ablation.sweep.shell import CONF_DIR, config_or_exit, exit_with_error  # noqa: F401
+from ablation.sweep.shell import CONF_DIR, config_or_exit, exit_with_error, experiment_name  # noqa: F401
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -29,7 +29,7 @@ def main(cfg: DictConfig) -> None:
     plain, cell = config_or_exit(cfg)
     hydra_cfg = HydraConfig.get()
     record = run_timing_job(cell, plain, hydra_cfg.runtime.output_dir, resume=cfg.resume,
-                            resume_root=cfg.paths.output_dir)
+                            resume_root=cfg.paths.output_dir, experiment=experiment_name())
     if hydra_cfg.mode == RunMode.RUN and record.get("status") != "ok":
         sys.exit(1)  # a single failed cell fails the command; a sweep goes on
 

@@ -54,7 +54,7 @@ def embed(tokens: jax.Array) -> jax.Array:
     return hk.Sequential([hk.Linear(16), jax.nn.relu, hk.Linear(2)])(h)
 
 
-def make_lstm(unroll: str = "static"):
+def make_lstm(unroll: str = "dynamic"):
     """LSTM on IMDb: tokens ``[B, 256]`` → embed 100 → LSTM(100) → mean over time → 2.
 
     ``unroll="static"`` traces the 256 time steps as straight-line code (what the paper used,

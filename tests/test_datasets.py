@@ -205,6 +205,21 @@ def test_load_prepares_once_and_reuses(mnist_fixture):
     assert xt.shape == (128, 28, 28, 1)
 
 
+def test_a_parser_change_prepares_the_arrays_again(mnist_fixture, monkeypatch):
+    """Issue 12.21: the prepared cache is tied to the parsing code, not only to the sources."""
+    datasets.load("mnist", cache_dir=mnist_fixture)
+    prepared = mnist_fixture / "mnist" / datasets.PREPARED
+    stamp = prepared.stat().st_mtime_ns
+    calls = []
+    real_prepare = datasets.prepare
+    monkeypatch.setattr(datasets, "prepare", lambda *a: calls.append(a) or real_prepare(*a))
+    datasets.load("mnist", cache_dir=mnist_fixture)
+    assert not calls  # same code: the cache is reused
+    monkeypatch.setattr(datasets, "preparation_version", lambda: "a-changed-parser")
+    datasets.load("mnist", cache_dir=mnist_fixture)
+    assert len(calls) == 1 and prepared.stat().st_mtime_ns != stamp
+
+
 def test_private_training_on_real_format_data_lowers_the_loss(mnist_fixture):
     from ablation.measure.timing import time_cell
     cell = CellConfig(engine="both", model="cnn", data="real", data_cache_dir=str(mnist_fixture),

@@ -138,6 +138,47 @@ def test_jit_engines_compile_and_eager_engines_do_not(engine, private):
         assert step.compile(*state, x, y, jax.random.key(0)) is None
 
 
+@pytest.mark.parametrize("private", [True, False])
+@pytest.mark.parametrize("engine", ALL_ENGINES, ids=ENGINE_IDS)
+def test_non_private_steps_keep_the_engines_switches(engine, private):
+    """Issue 12.4: a loop engine loops over examples also without privacy; a vectorised one
+    takes the batched gradient. An eager step shows it directly: a per-example loop runs the
+    loss's Python once per example, vmap or the batched gradient once per step."""
+    loss = _CountingLoss()
+    params = {"w": jnp.ones(3)}
+    optimizer = sgd(0.1)
+    step = make_step(engine, loss, optimizer, DPConfig(1.0, 1.0) if private else None)
+    x, y = jnp.zeros((4, 3)), jnp.zeros(4, jnp.int32)
+    step(params, optimizer.init(params), x, y, jax.random.key(0))
+    if engine.jit:
+        # jit-dispatch compiles its batch-1 body (3 functions) whatever the privacy.
+        expected = 3 if engine.uses_loop and engine.loop == "dispatch" else 1
+        assert step.compiled_functions == expected
+        traced_per_example = engine.uses_loop and engine.loop == "unrolled"
+        assert loss.calls == (4 if traced_per_example else 1)
+    else:
+        assert loss.calls == (1 if engine.vectorized else 4)
+
+
+@pytest.mark.parametrize("private", [True, False])
+@pytest.mark.parametrize("engine", ALL_ENGINES, ids=ENGINE_IDS)
+def test_a_padded_slot_contributes_nothing_whatever_it_holds(engine, private, ffnn_case):
+    """Issue 12.5: mask [1, 0] with inf in the padded input: the update is finite and equals
+    the update of the one real example, in every engine, private or not."""
+    model, params, x, y = ffnn_case
+    x2 = jnp.stack([x[0], jnp.full_like(x[1], jnp.inf)])
+    y2 = y[:2]
+    mask = jnp.array([1.0, 0.0])
+    dp = DPConfig(1.0, 0.0) if private else None
+    optimizer = sgd(LR)
+    step = make_step(engine, model.loss, optimizer, dp, expected_batch_size=1.0)
+    got = step(params, optimizer.init(params), x2, y2, jax.random.key(0), mask)[0]
+    alone = make_step(engine, model.loss, optimizer, dp)(
+        params, optimizer.init(params), x[:1], y[:1], jax.random.key(0))[0]
+    assert np.all(np.isfinite(flatten(got)))
+    np.testing.assert_allclose(flatten(got), flatten(alone), rtol=1e-5, atol=1e-7)
+
+
 def test_ahead_of_time_compile_is_reused():
     loss = _CountingLoss()
     params = {"w": jnp.ones(3)}

@@ -7,8 +7,8 @@ import pytest
 
 from ablation.report import analysis, figures
 from ablation.report import records as results
-from ablation.report.analysis import MissingCells
-from tests.records import epoch_seconds, timing_record, write_fixture
+from ablation.report.analysis import DuplicateRecords, MissingCells
+from tests.records import CPU_LABEL, epoch_seconds, memory_record, timing_record, write_fixture
 
 
 @pytest.fixture(scope="module")
@@ -26,17 +26,62 @@ def test_timing_frame_is_one_row_per_cell(frames):
     timing, memory = frames
     assert len(timing) == 2 * 5 * 2 * 2
     assert set(timing["framework"]) == {"jax", "opacus", "pytorch"}
-    assert set(timing["device"]) == {"cpu (2 cores)"}
-    assert len(memory) == 4
+    assert set(timing["device"]) == {CPU_LABEL}  # the CPU's model, not only its cores
+    assert timing["family"].nunique() == 1 and len(memory) == 4
 
 
-def test_latest_record_of_a_cell_wins(tmp_path):
+def test_the_same_cell_twice_keeps_the_newest_and_says_so(tmp_path):
     old = timing_record("both", "ffnn", 64, True)
-    new = dict(old, median_epoch_s=123.0, started_at="2026-12-01T00:00:00+00:00")
+    new = dict(old, median_epoch_s=123.0, finished_at="2026-12-01T00:00:00+00:00")
     results.write_json(tmp_path / "a" / "result.json", old)
     results.write_json(tmp_path / "b" / "result.json", new)
-    timing, _ = analysis.load(tmp_path)
+    with pytest.warns(DuplicateRecords, match=r"keeping .*b/result.json, ignoring .*a/result.json"):
+        timing, _ = analysis.load(tmp_path)
     assert list(timing["median_epoch_s"]) == [123.0]
+
+
+def test_runs_with_other_settings_are_other_families_never_merged(tmp_path):
+    """Issue 12.3: a quick run beside a reference sweep (another timing mode, seed, sampling,
+    memory cap or machine) is its own family: figures refuse to mix them, draw_all keeps them
+    in separate folders, and nothing is averaged."""
+    root = write_fixture(tmp_path / "results", models=("ffnn",), batches=(64,))
+    for i, config in enumerate([{"seed": 7}, {"timing": {"mode": "epochs"}},
+                                {"dp": {"sampling": "poisson"}}, {"data": {"limit": 512}}]):
+        quick = timing_record("both", "ffnn", 64, True, config=config)
+        results.write_json(root / f"quick{i}" / "result.json", dict(quick, median_epoch_s=99.0))
+    other_cpu = timing_record("both", "ffnn", 64, True)
+    other_cpu["env"] = dict(other_cpu["env"], cpu_model="Another CPU")
+    results.write_json(root / "other" / "result.json", other_cpu)
+    timing, _ = analysis.load(root)
+    assert timing["family"].nunique() == 6
+    with pytest.raises(ValueError, match="different runs"):
+        figures.ablation(timing, batch_size=64)
+    sweep = next(part for _, _, part in analysis.groups(timing) if len(part) > 1)
+    assert 99.0 not in set(sweep["median_epoch_s"])
+    written = figures.draw_all([root], tmp_path / "figs")
+    folders = {p.parent.relative_to(tmp_path / "figs").as_posix() for p in written}
+    assert len(folders) == 6 + 1 and any(f.startswith("cpu-another-cpu") for f in folders)  # + memory
+
+
+def test_memory_caps_and_predictions_are_drawn_apart(tmp_path):
+    """Issue 12.2/12.3: each cap its own figure; a prediction is a different record from a
+    measurement and is drawn hatched, labelled as predicted."""
+    results.write_json(tmp_path / "a" / "result.json", memory_record("both", "cnn", 1657))
+    results.write_json(tmp_path / "b" / "result.json",
+                       memory_record("both", "cnn", 5495, limit_bytes=2 << 30))
+    results.write_json(tmp_path / "c" / "result.json",
+                       memory_record("both", "cnn", 1986, predict_only=True))
+    _, memory = analysis.load(tmp_path)
+    assert len(memory) == 3 and memory["family"].nunique() == 2
+    half = [part for _, _, part in analysis.groups(memory) if part["limit_gib"].iloc[0] == 0.5][0]
+    fig = figures.max_batch(half)
+    ax = fig.axes[0]
+    assert _heights(ax) == [1657, 1986]  # never the mean over caps (3,576)
+    hatched = [p.get_height() for p in ax.patches if p.get_hatch()]
+    assert hatched == [1986]
+    assert "512 MiB" in ax.get_title()
+    with pytest.raises(ValueError, match="different runs"):
+        figures.max_batch(memory)
 
 
 def test_failed_cells_are_not_numbers(tmp_path):
@@ -58,7 +103,7 @@ def test_runtimes_figure_panels_and_bar_heights(frames):
     assert _heights(private) == expected
     labels = [t.get_text() for t in public.get_xticklabels()]
     assert labels == ["both", "jit", "vmap", "none", "pytorch"]  # Opacus non-private is PyTorch
-    assert "s, log scale" in private.get_ylabel()
+    assert "estimated" in private.get_ylabel()  # epochs derived from steps say so
 
 
 def test_runtimes_asked_for_a_missing_batch_size_raises(frames):
@@ -82,6 +127,23 @@ def test_ablation_figure_heights_and_speedups(frames):
     assert _heights(ax) == expected
     texts = [t.get_text() for t in ax.texts]  # the bar labels
     assert "×400" in texts and "×1" in texts
+
+
+def test_decomposition_factors_and_bar_heights(frames):
+    """Issue 15.9: the factor each ingredient contributes, with and without the other."""
+    timing, _ = frames
+    table = analysis.decomposition(timing, batch_size=64).set_index("model")
+    ffnn = table.loc["ffnn"]
+    # Fixture engine factors: both 1, jit 3, vmap 20, none 400.
+    assert ffnn["jit, with vmap (vmap → both)"] == pytest.approx(20.0)
+    assert ffnn["jit, without vmap (none → jit)"] == pytest.approx(400 / 3)
+    assert ffnn["vmap, with jit (jit → both)"] == pytest.approx(3.0)
+    assert ffnn["vmap, without jit (none → vmap)"] == pytest.approx(20.0)
+    assert ffnn["interaction"] == pytest.approx(20 / (400 / 3))
+    fig = figures.decomposition(timing, batch_size=64)
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"
+    assert np.allclose(_heights(ax), sorted([20.0, 400 / 3, 3.0, 20.0] * 2))
 
 
 def test_ablation_with_a_missing_engine_raises(frames):
@@ -118,33 +180,49 @@ def test_overhead_figure(frames):
     assert np.allclose(_heights(fig.axes[0]), [1.3] * 4)
 
 
-def test_draw_all_writes_png_and_pdf_per_device(tmp_path):
+def test_draw_all_writes_png_and_pdf_per_device_and_family(tmp_path):
     root = write_fixture(tmp_path / "results")
     gpu = timing_record("both", "ffnn", 64, True, device_kind="NVIDIA H100 80GB HBM3")
     results.write_json(root / "gpu" / "result.json", gpu)
     written = figures.draw_all([root], tmp_path / "figs")
     names = {p.relative_to(tmp_path / "figs").as_posix() for p in written}
-    for name in ("runtimes_ffnn", "runtimes_cnn", "ablation", "compile_times",
+    cpu = {n.split("/", 2)[2] for n in names if n.startswith("cpu-test-cpu-2-cores/runs-")}
+    for name in ("runtimes_ffnn", "runtimes_cnn", "ablation", "decomposition", "compile_times",
                  "privacy_overhead", "max_batch"):
-        assert f"cpu-2-cores/{name}.png" in names and f"cpu-2-cores/{name}.pdf" in names
-    assert "nvidia-h100-80gb-hbm3/runtimes_ffnn.png" in names
+        assert f"{name}.png" in cpu and f"{name}.pdf" in cpu
+    assert any(n.startswith("nvidia-h100-80gb-hbm3/") and n.endswith("runtimes_ffnn.png")
+               for n in names)
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+def test_empty_or_missing_folder_says_so(tmp_path):
+    """Issue 15.2: no records is an error that says where it looked, not empty frames."""
+    with pytest.raises(analysis.NoRecords, match="no result records"):
+        analysis.load(tmp_path)
+    with pytest.raises(analysis.NoRecords, match="no such folder"):
+        analysis.load(tmp_path / "absent")
 
 
 def test_committed_reference_results_draw():
     """The records in outputs/reference (what `make figures` draws on a fresh clone) load, hold
-    the CPU grid and the H100 ablation, and give an ablation figure for each device."""
+    the CPU grid and the H100 ablation, and give an ablation figure for each of them."""
     from pathlib import Path
     root = Path(__file__).resolve().parent.parent / "outputs" / "reference"
     timing, memory = analysis.load(root)
-    assert {"cpu (2 cores)", "NVIDIA H100 80GB HBM3"} <= set(timing["device"])
-    cpu = timing[timing["device"] == "cpu (2 cores)"]
-    assert set(cpu["engine_label"]) >= {"both", "jit", "vmap", "none"}
-    assert set(cpu["model"]) == set(analysis.MODEL_ORDER)
-    for device in ("cpu (2 cores)", "NVIDIA H100 80GB HBM3"):
-        part = timing[timing["device"] == device]
-        batch, models = figures.best_ablation_batch(part)
+    devices = set(timing["device"])
+    assert "NVIDIA H100 80GB HBM3" in devices and any(d.startswith("cpu") for d in devices)
+    drawn = set()
+    for device, _, part in analysis.groups(timing):
+        choice = figures.best_ablation_batch(part)
+        if choice is None:
+            continue
+        batch, models = choice
         fig = figures.ablation(part, batch_size=batch, models=models)
         assert len(_heights(fig.axes[0])) == 4 * len(models)
         figures.plt.close(fig)
+        drawn.add("cpu" if device.startswith("cpu") else device)
+    assert {"cpu", "NVIDIA H100 80GB HBM3"} <= drawn
+    cpu = timing[timing["device"].str.startswith("cpu")]
+    assert set(cpu["engine_label"]) >= {"both", "jit", "vmap", "none"}
+    assert {"logreg", "ffnn", "cnn", "embed", "lstm", "cifar10"} <= set(cpu["model"])
     assert (memory["max_batch_size"] > 0).all()

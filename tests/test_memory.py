@@ -12,7 +12,8 @@ from ablation.measure.settings import CellConfig, PrivacyConfig, ProbeSettings
 from ablation.report import records as results
 from ablation.sweep.config import probe_settings_from_dict
 from ablation.sweep.failures import is_out_of_memory, status_of_exit, xla_status_code
-from ablation.sweep.jobs import PROBE_CPU_ENV, run_memory_job
+from ablation.data.samplers import poisson_capacity
+from ablation.sweep.jobs import PROBE_CPU_ENV, _verify, cap_plan, run_memory_job
 from ablation.sweep.launch import run_process, run_worker
 from tests.cli import run_cli
 
@@ -105,14 +106,16 @@ def test_oom_is_recognised_by_type_and_status_code():
     assert xla_status_code(RuntimeError("INTERNAL: boom")) == "INTERNAL"
     assert not is_out_of_memory(ValueError("INTERNAL: something RESOURCE_EXHAUSTED later"))
     assert not is_out_of_memory(ValueError("shapes differ"))
-    assert status_of_exit(-signal.SIGKILL, memory_capped=True)[0] == "oom"
+    # Death by a signal under a limit is only a crash until a re-run gives evidence.
+    assert status_of_exit(-signal.SIGKILL, memory_capped=True)[0] == "crash"
+    assert status_of_exit(-signal.SIGABRT, memory_capped=True)[0] == "crash"
     assert status_of_exit(-signal.SIGKILL, memory_capped=False)[0] == "error"
     assert status_of_exit(3, memory_capped=True)[0] == "error"
 
 
-def test_child_that_dies_under_the_cap_is_oom_and_one_that_raises_is_not(tmp_path):
-    die = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
-    assert run_process(die, timeout_s=60, memory_capped=True).result["status"] == "oom"
+def test_child_that_dies_under_the_cap_is_a_crash_and_one_that_raises_is_an_error(tmp_path):
+    die = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGABRT)"]
+    assert run_process(die, timeout_s=60, memory_capped=True).result["status"] == "crash"
     raises = [sys.executable, "-c", "raise ValueError('not memory')"]
     outcome = run_process(raises, timeout_s=60, memory_capped=True)
     assert outcome.result["status"] == "error" and outcome.returncode == 1
@@ -139,12 +142,49 @@ def _retry(tmp_path, cell, settings, batch_size):
                       env=PROBE_CPU_ENV, memory_capped=True).result["status"]
 
 
+# -- what a cap means, and evidence for out of memory (issue 12.16-18) ---------------------------
+
+
+def test_a_cap_that_cannot_be_enforced_is_refused_not_recorded():
+    gpu = {"platform": "gpu", "device_kind": "H", "total_bytes": None}
+    with pytest.raises(ValueError, match="cannot be enforced on this gpu device"):
+        cap_plan(gpu, 1 << 30, predict_only=False)
+    env, how = cap_plan({**gpu, "total_bytes": 80 << 30}, 8 << 30, predict_only=False)
+    assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.1000" and how.startswith("enforced")
+    env, how = cap_plan({"platform": "cpu", "total_bytes": 24 << 30}, 1 << 29, False)
+    assert how.startswith("measured") and "RLIMIT_DATA stops a try at 1.50 GiB" in how
+
+
+@pytest.mark.parametrize("unlimited, status", [
+    ({"status": "ok", "peak_bytes": 3 << 20, "peak_scope": "step"}, "oom"),  # evidence
+    ({"status": "ok", "peak_bytes": 1 << 10, "peak_scope": "step"}, "error"),  # fits: not memory
+    ({"status": "error", "error": "INTERNAL: check failed"}, "error"),  # fails anyway
+])
+def test_a_crash_is_out_of_memory_only_with_evidence(unlimited, status):
+    crashed = {"status": "crash", "error": "worker killed by SIGABRT under the memory limit"}
+    decided, how = _verify(crashed, unlimited, 1 << 20)
+    assert decided["status"] == status and "SIGABRT" in decided["error"] and how
+
+
+def test_probe_runs_the_padded_capacity_of_a_poisson_step(tmp_path):
+    cell = CellConfig(engine="both", model="logreg", dp=PrivacyConfig(sampling="poisson"))
+    spec = {"task": "memory_try", "cell": cell.to_dict(), "noise_multiplier": 1.1,
+            "batch_size": 64, "cap_bytes": None, "n_train": 45_220}
+    result = run_worker(spec, tmp_path, timeout_s=300, env=PROBE_CPU_ENV).result
+    assert result["status"] == "ok", result.get("error")
+    assert result["batch_size"] == 64 and result["rows"] == poisson_capacity(64, 45_220, 5.0)
+
+
 # Resolution a few percent: at a gap of one example the CPU boundary is within the noise of
 # the process' own allocations (a size that fit once can fail on a re-run).
-# The start is a few doublings below each boundary (ffnn ~2,000, cnn ~170 examples).
-@pytest.mark.parametrize("model, resolution, start", [("ffnn", 0.04, 256), ("cnn", 0.1, 32)])
+# The start is a few doublings below each boundary (ffnn ~1,240, cnn ~170 examples).
+# Measured ÷ predicted peak: ffnn 1.001-1.008 and cnn 1.07-1.14 on the development machine
+# (jax 0.10.2). The known gap: the cnn's convolutions take scratch memory outside XLA's buffer
+# plan (what memory_analysis() reports), so its measured peak runs up to 14 % above the plan.
+@pytest.mark.parametrize("model, resolution, start, peak_ratio", [
+    ("ffnn", 0.04, 256, (0.98, 1.05)), ("cnn", 0.1, 32, (0.98, 1.2))])
 def test_probe_finds_a_maximum_that_fits_and_the_next_size_does_not(tmp_path, model, resolution,
-                                                                     start):
+                                                                     start, peak_ratio):
     cell, settings, record = _probe(tmp_path, model, resolution=resolution, start=start)
     assert record["status"] == "ok", record["reason"]
     best = record["max_batch_size"]
@@ -156,13 +196,15 @@ def test_probe_finds_a_maximum_that_fits_and_the_next_size_does_not(tmp_path, mo
     # resolution step above it, beyond the run-to-run noise of a CPU process) does not.
     assert _retry(tmp_path, cell, settings, best) == "ok"
     assert _retry(tmp_path, cell, settings, max(failed, best + gap)) == "oom"
-    # Predicted and measured peak agree at the maximum (XLA's buffer plan is the memory).
-    at_best = next(t for t in record["tried"] if t["batch_size"] == best)
-    assert at_best["predicted_bytes"] > 0 and at_best["peak_bytes"] > 0
-    assert 0.5 < at_best["peak_bytes"] / at_best["predicted_bytes"] < 2.0
+    # Predicted and measured peak agree at every size (XLA's buffer plan is the memory), to
+    # what the measurements support (see above); a prediction bug of 2x cannot hide in it.
+    low, high = peak_ratio
+    for t in record["tried"]:
+        assert t["predicted_bytes"] > 0 and t["peak_bytes"] > 0 and t["peak_scope"] == "step"
+        assert low < t["peak_bytes"] / t["predicted_bytes"] < high, t
+    assert record["cap_enforced"].startswith("measured")
     # The sizes that did not fit keep their prediction, and the record solves them for the cap.
-    assert all(t["predicted_bytes"] for t in record["tried"])
-    assert 0.5 < record["predicted_max_batch_size"] / best < 2.0
+    assert 1 / high < record["predicted_max_batch_size"] / best < high / low
     frame = results.load(tmp_path)
     assert list(frame["kind"]) == ["memory"] and frame["max_batch_size"].iloc[0] == best
 

@@ -33,3 +33,16 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     assert images, "the notebook drew no figure"
     text = "".join(o.get("text", "") for o in outputs)
     assert f"from {root}" in text
+
+
+def test_notebook_finds_the_committed_results_from_any_working_directory(tmp_path, monkeypatch):
+    """Issue 15.2: the default results path is the repository's, not the working directory's."""
+    monkeypatch.delenv("DPSGD_RESULTS", raising=False)
+    path = NOTEBOOKS[-1]  # the memory notebook: the quickest
+    notebook = nbformat.read(path, as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    reference = Path(__file__).resolve().parent.parent / "outputs" / "reference"
+    assert f"from {reference}" in "".join(o.get("text", "") for o in outputs)

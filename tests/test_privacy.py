@@ -143,7 +143,8 @@ def test_fifty_step_poisson_run_compiles_once(engine):
                       timing=TimingConfig(max_steps=48, warmup_steps=1, budget_s=600,
                                           progress=False))
     record = time_cell(cell, noise_multiplier=1.1)
-    assert record["steps_run"] == 50
+    # first + warm-up + 48 latency steps + three bursts of back-to-back steps
+    assert record["steps_run"] == 50 + 3 * record["throughput_steps"]
     assert record["n_compiles"] == record["compiled_functions"]  # each function compiled once
     assert record["capacity"] == poisson_capacity(32, 2_000, 5.0)
     assert 24 < record["poisson_mean_batch"] < 40  # Binomial(2000, 0.016): mean 32, sd 5.6
@@ -153,9 +154,9 @@ def test_fifty_step_poisson_run_compiles_once(engine):
 def test_poisson_sampler_masks_and_overflow():
     from ablation.data.samplers import PoissonSampler, synthetic
     from models import DATASETS
-    data = synthetic(DATASETS["adult"], seed=0, n=1_000)
+    data = synthetic(DATASETS["adult"], jax.random.key(0), n=1_000)
     # A capacity equal to the expected batch overflows about half the time.
-    sampler = PoissonSampler(data, batch_size=100, seed=3, capacity=100)
+    sampler = PoissonSampler(data, batch_size=100, key=jax.random.key(3), capacity=100)
     masks = [np.asarray(sampler.batch(i).mask) for i in range(40)]
     stats = sampler.stats()
     assert 5 < stats["poisson_overflow_steps"] < 35
@@ -163,6 +164,131 @@ def test_poisson_sampler_masks_and_overflow():
         assert set(np.unique(mask)) <= {0.0, 1.0}
         k = int(mask.sum())  # sampled examples fill the first slots
         assert mask[:k].all() and not mask[k:].any()
+
+
+def test_padded_slots_are_not_the_same_examples_every_step():
+    """Issue 12.5: padding is drawn from the unsampled examples at random, not the lowest ids."""
+    from ablation.data.samplers import PoissonSampler, TrainingSet
+    n = 1_000
+    data = TrainingSet(jnp.arange(n, dtype=jnp.float32)[:, None], jnp.zeros(n, jnp.int32))
+    sampler = PoissonSampler(data, batch_size=20, key=jax.random.key(1), capacity=60)
+    padded = set()
+    for i in range(10):
+        batch = sampler.batch(i)
+        ids = np.asarray(batch.x[:, 0]).astype(int)
+        padded |= set(ids[np.asarray(batch.mask) == 0].tolist())
+    assert len(padded) > 300  # ~40 fresh padding ids per step, not the same low ids
+
+
+# -- what a run accounts and how its keys and denominators are derived (issue 12) ------------
+
+
+def test_rdp_with_truncated_poisson_batches_is_refused():
+    """Issue 12.6: RDP has no truncated event; an epsilon that ignores truncation would not
+    hold, so the combination is a one-line error (config and accountant alike)."""
+    with pytest.raises(ConfigError, match="dp.accountant=rdp cannot account Poisson") as info:
+        cell_from_dict({"dp": {"accountant": "rdp", "sampling": "poisson"}})
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="use dp.accountant=pld"):
+        privacy_report(noise_multiplier=1.1, batch_size=16, n_train=45_220, epochs=20,
+                       delta=1e-5, accountant="rdp", sampling="poisson",
+                       capacity=poisson_capacity(16, 45_220, 5.0))
+    # Without truncation (the capacity holds everything) RDP accounts plain Poisson sampling.
+    assert privacy_report(noise_multiplier=1.1, batch_size=16, n_train=100, epochs=1,
+                          delta=1e-5, accountant="rdp", sampling="poisson",
+                          capacity=100).epsilon > 0
+    # Non-private cells account nothing, so the combination is harmless there.
+    cell_from_dict({"private": False, "dp": {"accountant": "rdp", "sampling": "poisson"}})
+
+
+@pytest.mark.parametrize("sigmas", [3.0, 1.0])
+def test_calibration_brackets_with_truncation(sigmas):
+    """Issue 12.7: a low capacity needs more noise than untruncated Poisson sampling; the
+    search brackets from the accountant actually used instead of failing in brentq."""
+    n, batch = 2_000, 32
+    capacity = poisson_capacity(batch, n, sigmas)
+    common = dict(sampling_rate=batch / n, steps=2 * (n // batch), delta=1e-5,
+                  sampling="poisson", n_train=n, capacity=capacity)
+    sigma = calibrate_noise_multiplier(target_epsilon=2.0, accountant="pld", **common)
+    assert epsilon(noise_multiplier=sigma, accountant="pld", **common) <= 2.0 + 1e-6
+    assert epsilon(noise_multiplier=0.97 * sigma, accountant="pld", **common) > 2.0
+
+
+def test_reference_rows_refuse_poisson_sampling():
+    """Issue 12.8: Opacus rows sample shuffled fixed-size batches; they never claim Poisson."""
+    with pytest.raises(ConfigError, match="engine=opacus trains on shuffled fixed-size"):
+        cell_from_dict({"engine": {"name": "opacus"}, "dp": {"sampling": "poisson"}})
+
+
+def test_every_random_stream_has_its_own_key():
+    """Issue 12.9: data, initialisation, sampling and noise never share a key."""
+    from ablation.data.samplers import run_keys
+    keys = run_keys(42)
+    # Every key a run uses: its four streams and the two the synthetic data splits off its own
+    # (inputs, labels); the root seed's key itself is used for nothing.
+    used = [*keys, *jax.random.split(keys.data), jax.random.key(42)]
+    raw = {np.asarray(jax.random.key_data(k)).tobytes() for k in used}
+    assert len(raw) == len(used)
+
+
+def test_poisson_steps_divide_by_the_expected_batch_not_the_capacity():
+    """Issue 12.10: under Poisson sampling the clipped sum is divided by B = q·n."""
+    from ablation.measure.timing import build_step
+    model = get_model("logreg")
+    cell = CellConfig(model="logreg", batch_size=4, lr=1.0,
+                      dp=PrivacyConfig(clip_norm=math.inf, noise_multiplier=0.0,
+                                       sampling="poisson"))
+    step, optimizer = build_step(cell, model, noise_multiplier=0.0)
+    params = model.init(jax.random.key(0))
+    x, y = small_batch(model, 10, seed=5)  # capacity 10, four sampled
+    mask = jnp.array([1.0] * 4 + [0.0] * 6)
+    donated = jax.tree.map(jnp.copy, params)  # the timed step donates its state
+    new = step(donated, optimizer.init(donated), x, y, jax.random.key(0), mask)[0]
+    grads = jax.vmap(jax.grad(model.loss), in_axes=(None, 0, 0))(params, x[:4], y[:4])
+    expected = jax.tree.map(lambda p, g: p - g.sum(0) / 4, params, grads)
+    np.testing.assert_allclose(flatten(new), flatten(expected), rtol=1e-5, atol=1e-7)
+
+
+def test_every_timed_step_gets_a_fresh_noise_key():
+    """Issue 12.10: a regression that reused one key would repeat the same noise each step."""
+    from ablation.data.samplers import ShuffleSampler, synthetic
+    from ablation.measure.timing import JaxClock
+    from models import DATASETS
+    seen = []
+
+    def step(params, opt_state, x, y, key, mask):
+        seen.append(np.asarray(jax.random.key_data(key)).tobytes())
+        return params, opt_state
+
+    data = synthetic(DATASETS["adult"], jax.random.key(0), n=256)
+    clock = JaxClock(step, ({"w": jnp.zeros(1)}, ()), ShuffleSampler(data, 16, jax.random.key(1)),
+                     jax.random.key(2))
+    clock.tick()
+    clock.burst(5, 1 << 20)
+    clock.tick()
+    assert len(seen) == 7 and len(set(seen)) == 7
+
+
+def test_an_accounting_failure_becomes_an_error_record(tmp_path, monkeypatch):
+    """Issue 12.11: a failing accountant (e.g. an old dp-accounting without the truncated
+    event) leaves an error record, not a dead cell without one."""
+    from ablation.report.records import read_json
+    from ablation.sweep import jobs
+
+    def broken(**kwargs):
+        raise AttributeError("module 'dp_accounting.dp_event' has no attribute "
+                             "'TruncatedSubsampledGaussianDpEvent'")
+
+    monkeypatch.setattr(jobs, "privacy_report", broken)
+    jobs._cached_privacy.cache_clear()
+    cell = CellConfig(model="logreg", batch_size=16, data_limit=256,
+                      dp=PrivacyConfig(sampling="poisson"))
+    record = jobs.run_timing_job(cell, {"seed": 1}, tmp_path / "job")
+    jobs._cached_privacy.cache_clear()
+    on_disk = read_json(tmp_path / "job" / "result.json")
+    assert record["status"] == on_disk["status"] == "error"
+    assert "TruncatedSubsampledGaussianDpEvent" in on_disk["error"]
+    assert on_disk["epsilon"] is None and on_disk["n_params"] is None
 
 
 # -- bad values --------------------------------------------------------------------------------------

@@ -114,7 +114,12 @@ def test_tiny_multirun_records_every_field_and_prints_summary(tmp_path):
         assert record["steps_per_epoch"] == 512 // 16
         assert len(record["step_times_s"]) >= 2 and record["median_step_s"] > 0
         assert record["epoch_estimated"] is True
-        assert record["median_epoch_s"] == pytest.approx(32 * record["median_step_s"])
+        # Epochs are estimated from throughput (steps dispatched back to back), not latency.
+        assert record["throughput_steps"] >= 1 and len(record["throughput_bursts_s"]) == 3
+        assert record["median_epoch_s"] == pytest.approx(32 * record["throughput_step_s"])
+        assert record["steps_timed"] == len(record["step_times_s"])
+        assert record["n_params"] == record["paper_n_params"] == 105
+        assert record["identity"] and record["env"]["cpu_model"] is not None
         assert record["epsilon"] > 0 and record["delta"] == 1e-5
         assert record["config"]["engine"]["name"] == record["engine"]
     both = frame.set_index("engine").loc["both"]
@@ -136,8 +141,10 @@ def test_epochs_mode_reports_first_epoch_apart(tmp_path):
     assert record["first_epoch_s"] == record["epoch_times_s"][0]
     # The median is over the epochs after the first (exactly, not by timing tolerance).
     assert record["median_epoch_s"] == pytest.approx(statistics.median(record["epoch_times_s"][1:]))
-    # 4 steps per epoch, 3 epochs, the first step and one warm-up step are not steady state.
-    assert record["steps_run"] == 12 and len(record["step_times_s"]) == 10
+    assert record["throughput_step_s"] == pytest.approx(record["median_epoch_s"] / 4)
+    # 4 steps per epoch, 3 epochs: the first epoch holds the first step, one warm-up step and
+    # one latency step before the rest of it runs back to back; later epochs are whole bursts.
+    assert record["steps_run"] == 12 and len(record["step_times_s"]) == 1
 
 
 def test_failing_cell_does_not_stop_the_sweep(tmp_path):
@@ -171,6 +178,7 @@ def test_resume_skips_finished_cells(tmp_path):
     assert len(results.load(tmp_path)) == 2  # no new records
     assert len(list(tmp_path.rglob(results.SKIPPED_FILE))) == 2
     assert "both x" in second.stdout  # the summary still shows the skipped cells
+    assert "* reused by resume=true" in second.stdout  # ... and says they are reused
     # A changed config is a different cell: it runs.
     third = run_cli("ablation.run", "-m", "engine=both", *TINY, "resume=true", "seed=7",
                     output_dir=tmp_path)
@@ -198,3 +206,109 @@ def test_summary_marks_failed_cells():
              median_epoch_s=None, epsilon=1.0)])
     text = format_summary(frame)
     assert "oom" in text and "both" in text
+
+
+# -- record identity (issue 12.1, 12.2) ----------------------------------------------------------
+
+
+def _ok(config_hash="abc", finished="2026-11-27T00:00:00+00:00", **env):
+    from tests.records import ENV
+    return {"schema": results.SCHEMA, "kind": "timing", "status": "ok", "engine": "both",
+            "config_hash": config_hash, "finished_at": finished, "env": {**ENV, **env}}
+
+
+def test_resume_never_reaches_into_reference_folders_and_takes_the_newest(tmp_path):
+    from ablation.report.records import find_ok_record, machine_identity, write_json
+    from tests.records import ENV
+    here = machine_identity(ENV, "both")
+    write_json(tmp_path / "reference" / "cpu" / "1" / "result.json", _ok())
+    assert find_ok_record(tmp_path, "abc", "timing", here) is None
+    # Asked for by path, the reference folder is searched.
+    assert find_ok_record(tmp_path / "reference" / "cpu", "abc", "timing", here) is not None
+    write_json(tmp_path / "runs" / "b" / "result.json", _ok(finished="2026-11-27T00:00:00+00:00"))
+    write_json(tmp_path / "runs" / "a" / "result.json", _ok(finished="2026-11-28T00:00:00+00:00"))
+    assert find_ok_record(tmp_path, "abc", "timing", here).parent.name == "a"  # newest, not first
+
+
+@pytest.mark.parametrize("changed", [dict(device_kind="NVIDIA H100 80GB HBM3", platform="gpu"),
+                                     dict(device_count=8), dict(cpu_model="Other CPU"),
+                                     dict(jax="9.9"), dict(git_sha="other"),
+                                     dict(git_diff_sha="other-uncommitted-change")])
+def test_resume_only_reuses_records_of_this_machine_and_code(tmp_path, changed):
+    from ablation.report.records import find_ok_record, machine_identity, write_json
+    from tests.records import ENV
+    write_json(tmp_path / "1" / "result.json", _ok(**changed))
+    assert find_ok_record(tmp_path, "abc", "timing", machine_identity(ENV, "both")) is None
+    assert find_ok_record(tmp_path, "abc", "timing",
+                          machine_identity({**ENV, **changed}, "both")) is not None
+
+
+def test_reference_experiment_with_resume_runs_instead_of_reusing_committed_cpu_records(tmp_path):
+    """Issue 12.1 as reported: the committed 2-core CPU record must not be handed back."""
+    import shutil
+    reference = Path(CONF_DIR).parent / "outputs" / "reference" / "cpu"
+    shutil.copytree(reference, tmp_path / "reference" / "cpu")
+    proc = run_cli("ablation.run", "experiment=reference_cpu", "engine=both", "model=logreg",
+                   "batch_size=16", "resume=true", "data.limit=512", *QUICK, output_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "[resume] skipped" not in proc.stdout and "[ok] both logreg" in proc.stdout
+
+
+def test_predictions_and_measurements_are_different_cells():
+    from ablation.report.records import config_hash
+    measured = {"memory": {"limit_gb": 0.5, "predict_only": False}}
+    predicted = {"memory": {"limit_gb": 0.5, "predict_only": True}}
+    assert config_hash(measured, "memory") != config_hash(predicted, "memory")
+    # What does not change the numbers stays out of the identity.
+    assert config_hash({"a": 1, "paths": {"output_dir": "x"}, "timing": {"progress": True}}) == \
+        config_hash({"a": 1, "paths": {"output_dir": "y"}, "timing": {"progress": False}})
+
+
+# -- the summary table (issue 12.13-15) --------------------------------------------------------
+
+
+def _summary_frame():
+    from tests.records import timing_record
+    rows = []
+    for engine, few in (("both", False), ("vmap", True)):
+        r = timing_record(engine, "ffnn", 64, True)
+        r["iqr_step_s"] = 0.004 * r["median_step_s"]
+        r["throughput_bursts_s"] = [r["throughput_step_s"]] * 3
+        if few:
+            r["steps_timed"] = 2
+        rows.append(r)
+    reused = dict(timing_record("jit", "ffnn", 64, True), reused=True, path="/old/run/result.json")
+    rows.append(reused)
+    failed = timing_record("none", "ffnn", 64, True, status="oom")
+    failed["n_params"] = None
+    rows.append(failed)
+    return pd.DataFrame(rows)
+
+
+def test_summary_marks_estimates_spread_reuse_and_epsilon_scope():
+    text = format_summary(_summary_frame())
+    assert "~" in text and "epoch estimated as steps per epoch x throughput" in text
+    assert "2!" in text and "fewer than 5 latency steps" in text
+    assert "jit*" in text and "/old/run/result.json" in text
+    assert "eps at delta=1e-05: for the configured training" in text
+    assert "oom" in text
+    table = summary_table(_summary_frame())
+    row = table.set_index("engine").loc["vmap"]
+    assert row["both x digits"] == 2  # too few steps: no spread to justify more figures
+
+
+def test_ratio_precision_follows_the_spread():
+    from ablation.report.summary import ratio_digits, significant
+    assert ratio_digits(0.001, 0.002) == 3
+    assert ratio_digits(0.03, 0.04) == 2
+    assert ratio_digits(0.3, 0.1) == 1
+    assert significant(1.4237, 2) == "1.4" and significant(5762.4, 2) == "5,800"
+    assert significant(0.56234, 3) == "0.562"
+
+
+def test_markdown_and_csv_formats():
+    frame = _summary_frame()
+    md = format_summary(frame, "markdown")
+    assert md.splitlines()[0].startswith("| engine | model |") and "|---|" in md
+    csv = format_summary(frame, "csv")
+    assert csv.splitlines()[0].startswith("engine,model,batch,private,status")

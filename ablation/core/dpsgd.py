@@ -12,6 +12,10 @@ compiled pieces + loop     ``jit`` with ``loop=dispatch``: B calls of a compiled
                            function, then one compiled noise-and-update function
 =========================  =================================================================
 
+A non-private step (``dp=None``) keeps the engine's two switches: a vectorised engine takes the
+batched gradient, a loop engine runs the same loop without clipping, and no noise is added. So
+private ÷ non-private of one engine is the cost of clipping and noise alone.
+
 The noise is drawn in the shared finishing code from the step's key, one normal draw per leaf
 (``jax.random.split(key, n_leaves)``), so the same key gives the same noise in every engine.
 """
@@ -97,7 +101,8 @@ class Step:
     Attributes:
       engine, private: what this step runs.
       compiled_functions: how many distinct functions this engine compiles (0 for the eager
-        engines, 1 for a compiled step, 3 for jit-dispatch: zeros, batch-1 accumulate, finish).
+        engines, 1 for a compiled step, 3 for jit-dispatch: zeros, batch-1 accumulate, finish;
+        jit-dispatch loops over examples in non-private steps too).
       n_compiles: how many times those functions were traced for compilation so far. A run
         with fixed shapes ends with ``n_compiles == compiled_functions``.
     """
@@ -117,9 +122,9 @@ class Step:
         self._compiled: dict[str, Any] = {}
         donate_state = (0, 1) if donate else ()
 
-        if self.private and self.engine.jit and not self.engine.compiles_whole_step:
+        if self.engine.jit and not self.engine.compiles_whole_step:
             self._loop = DispatchLoop(loss_fn, on_trace=self._count_trace)
-            self._finish = jax.jit(self._counted(self._finish_private), donate_argnums=donate_state)
+            self._finish = jax.jit(self._counted(self._finish), donate_argnums=donate_state)
             self.compiled_functions = 3
             self._plan = "dispatch"
         elif self.engine.jit:
@@ -139,27 +144,23 @@ class Step:
         updates, opt_state = self._optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    def _finish_private(self, params, opt_state, grad_sum, key, denominator):
-        noised = add_noise(grad_sum, key, self.dp.noise_std)
-        grads = jax.tree.map(lambda g: g / denominator, noised)
-        return self._apply(params, opt_state, grads)
+    @property
+    def _clip_norm(self) -> float | None:
+        """C for a private step; None for a non-private one (its loops do not clip)."""
+        return self.dp.clip_norm if self.private else None
 
-    def _nonprivate_grads(self, params, x, y, mask):
-        """The plain gradient of the batch's mean loss (a masked sum over the denominator)."""
-        def batch_loss(p):
-            losses = jax.vmap(self._loss_fn, in_axes=(None, 0, 0))(p, x, y)
-            if mask is not None:
-                losses = jnp.where(mask > 0, losses, 0.0)
-            return jnp.sum(losses) / self._denominator(x)
-        return jax.grad(batch_loss)(params)
+    def _finish(self, params, opt_state, grad_sum, key, denominator):
+        """Noise (private steps only), average, update: the part every engine shares."""
+        if self.private:
+            grad_sum = add_noise(grad_sum, key, self.dp.noise_std)
+        grads = jax.tree.map(lambda g: g / denominator, grad_sum)
+        return self._apply(params, opt_state, grads)
 
     def _traced_step(self, params, opt_state, x, y, key, mask):
         """The whole step as one traceable function (compiled, or run under disable_jit)."""
-        if not self.private:
-            return self._apply(params, opt_state, self._nonprivate_grads(params, x, y, mask))
-        grad_sum = traced_sum_strategy(self.engine)(self._loss_fn, params, x, y,
-                                                    self.dp.clip_norm, mask)
-        return self._finish_private(params, opt_state, grad_sum, key, self._denominator(x))
+        strategy = traced_sum_strategy(self.engine, self.private)
+        grad_sum = strategy(self._loss_fn, params, x, y, self._clip_norm, mask)
+        return self._finish(params, opt_state, grad_sum, key, self._denominator(x))
 
     # -- compilation bookkeeping -------------------------------------------------------------
 
@@ -185,7 +186,7 @@ class Step:
         if self._plan == "compiled":
             self._compiled["step"] = self._jitted.lower(params, opt_state, x, y, key, mask).compile()
         else:
-            clip = self.dp.clip_norm
+            clip = self._clip_norm
             zeros = self._loop.zeros.lower(params).compile()
             total = jax.eval_shape(lambda p: jax.tree.map(jnp.zeros_like, p), params)
             self._compiled["zeros"] = zeros
@@ -222,7 +223,7 @@ class Step:
         return fallback(*args)
 
     def _dispatch_step(self, params, opt_state, x, y, key, mask):
-        clip = self.dp.clip_norm
+        clip = self._clip_norm
         total = self._call_compiled("zeros", self._loop.zeros, params)
         accumulate = self._compiled.get("accumulate")
         for i in range(x.shape[0]):
@@ -248,7 +249,8 @@ def make_step(engine: Engine | str, loss_fn: LossFn, optimizer: optax.GradientTr
       loss_fn: ``loss_fn(params, x1, y1) -> scalar`` for ONE example.
       optimizer: an optax transformation (e.g. :func:`sgd`).
       dp: a :class:`DPConfig` for DP-SGD, or None for non-private SGD on the batch's mean loss
-        (compiled when the engine's ``jit`` is on, eager otherwise).
+        (compiled when the engine's ``jit`` is on, eager otherwise; vectorised engines take the
+        batched gradient, loop engines loop over examples without clipping).
       expected_batch_size: divide by this instead of the batch size (Poisson sampling with
         padded batches divides by the expected batch size q·n).
       donate: let the compiled step reuse the input parameter/optimizer buffers (faster, less

@@ -144,17 +144,30 @@ def clip_factor(norm: jax.Array, clip_norm: float | jax.Array) -> jax.Array:
     return jnp.minimum(1.0, clip_norm / norm)
 
 
-def clipped_grad(loss_fn: LossFn, params: PyTree, x1: jax.Array, y1: jax.Array,
-                 clip_norm: float | jax.Array, weight: jax.Array | None = None) -> PyTree:
-    """The gradient of ONE example, scaled to global norm ≤ ``clip_norm`` (times ``weight``).
+def _keep(grads: PyTree, keep: jax.Array) -> PyTree:
+    """``grads`` where ``keep`` (a bool ``[B]`` or scalar), exact zeros elsewhere.
 
-    ``weight`` is the example's mask entry (1 keeps it, 0 drops it: padded Poisson slots).
+    A select, never a multiplication: a padded slot whose gradient is ``inf`` or NaN still
+    contributes exactly nothing (``0 · inf`` would be NaN).
+    """
+    def select(g):
+        k = jnp.reshape(keep, keep.shape + (1,) * (g.ndim - keep.ndim))
+        return jnp.where(k, g, jnp.zeros_like(g))
+    return jax.tree.map(select, grads)
+
+
+def clipped_grad(loss_fn: LossFn, params: PyTree, x1: jax.Array, y1: jax.Array,
+                 clip_norm: float | jax.Array | None, weight: jax.Array | None = None) -> PyTree:
+    """The gradient of ONE example, scaled to global norm ≤ ``clip_norm``.
+
+    ``clip_norm=None`` leaves the gradient as it is (the non-private loops). ``weight`` is the
+    example's mask entry: ``weight <= 0`` (a padded Poisson slot) gives exact zeros.
     """
     grads = jax.grad(loss_fn)(params, x1, y1)
-    scale = clip_factor(global_norm(grads), clip_norm)
-    if weight is not None:
-        scale = jnp.where(weight > 0, scale, 0.0)
-    return jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+    if clip_norm is not None:
+        scale = clip_factor(global_norm(grads), clip_norm)
+        grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+    return grads if weight is None else _keep(grads, weight > 0)
 
 
 def _tree_add(a: PyTree, b: PyTree) -> PyTree:
@@ -167,24 +180,50 @@ def _tree_add(a: PyTree, b: PyTree) -> PyTree:
 
 
 def vmap_sum(loss_fn: LossFn, params: PyTree, x: jax.Array, y: jax.Array,
-             clip_norm: float | jax.Array, mask: jax.Array | None = None) -> PyTree:
+             clip_norm: float | jax.Array | None, mask: jax.Array | None = None) -> PyTree:
     """Vectorised: per-example gradients ``[B, ...]`` by ``vmap``, then one weighted reduction.
 
     The scales ``min(1, C/‖g_i‖)`` form a ``[B]`` vector and the sum is ``tensordot(scale, g)``
     per leaf, which XLA fuses with the scaling: the clipped per-example gradients are never
-    stored, only the raw ones.
+    stored, only the raw ones. Padded slots are selected away before anything is summed.
     """
     grads = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0, 0))(params, x, y)
+    if mask is not None:
+        grads = _keep(grads, mask > 0)
+    if clip_norm is None:
+        return jax.tree.map(lambda g: jnp.sum(g, axis=0), grads)
     leaves = jax.tree.leaves(grads)
     sq_norms = sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1) for g in leaves)
     scale = clip_factor(jnp.sqrt(sq_norms), clip_norm)  # [B]
-    if mask is not None:
-        scale = jnp.where(mask > 0, scale, 0.0)
     return jax.tree.map(lambda g: jnp.tensordot(scale.astype(g.dtype), g, axes=1), grads)
 
 
+def batched_sum(loss_fn: LossFn, params: PyTree, x: jax.Array, y: jax.Array,
+                clip_norm: None = None, mask: jax.Array | None = None) -> PyTree:
+    """The non-private vectorised gradient: one backward pass of the batch's summed loss.
+
+    No per-example gradients exist, so there is nothing to clip (``clip_norm`` must be None).
+    Padded slots get a zero input and label before the forward pass and their losses are
+    selected away, so their contribution is exactly zero whatever the slot held.
+    """
+    if clip_norm is not None:
+        raise ValueError("batched_sum computes no per-example gradients and cannot clip them")
+    if mask is not None:
+        keep = mask > 0
+        x = jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x))
+        y = jnp.where(keep, y, jnp.zeros_like(y))
+
+    def total_loss(p):
+        losses = jax.vmap(loss_fn, in_axes=(None, 0, 0))(p, x, y)
+        if mask is not None:
+            losses = jnp.where(keep, losses, 0.0)
+        return jnp.sum(losses)
+
+    return jax.grad(total_loss)(params)
+
+
 def unrolled_sum(loss_fn: LossFn, params: PyTree, x: jax.Array, y: jax.Array,
-                 clip_norm: float | jax.Array, mask: jax.Array | None = None) -> PyTree:
+                 clip_norm: float | jax.Array | None, mask: jax.Array | None = None) -> PyTree:
     """A Python loop over examples: eager for ``none``, traced into one program for jit-unrolled."""
     total = None
     for i in range(x.shape[0]):
@@ -195,21 +234,19 @@ def unrolled_sum(loss_fn: LossFn, params: PyTree, x: jax.Array, y: jax.Array,
 
 
 def scan_sum(loss_fn: LossFn, params: PyTree, x: jax.Array, y: jax.Array,
-             clip_norm: float | jax.Array, mask: jax.Array | None = None) -> PyTree:
+             clip_norm: float | jax.Array | None, mask: jax.Array | None = None) -> PyTree:
     """``lax.scan`` over examples, carrying the running sum (one loop body in the program)."""
-    weights = jnp.ones(x.shape[0], jnp.float32) if mask is None else mask
-
     def body(total, example):
-        x1, y1, w = example
+        x1, y1, w = example  # w is None without a mask (scan carries no leaf for it)
         return _tree_add(total, clipped_grad(loss_fn, params, x1, y1, clip_norm, w)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    total, _ = lax.scan(body, zeros, (x, y, weights))
+    total, _ = lax.scan(body, zeros, (x, y, mask))
     return total
 
 
 def accumulate_one(loss_fn: LossFn, total: PyTree, params: PyTree, x: jax.Array, y: jax.Array,
-                   index: jax.Array, clip_norm: float | jax.Array,
+                   index: jax.Array, clip_norm: float | jax.Array | None,
                    mask: jax.Array | None = None) -> PyTree:
     """``total`` plus the clipped gradient of example ``index``: the jit-dispatch batch-1 body.
 
@@ -222,10 +259,15 @@ def accumulate_one(loss_fn: LossFn, total: PyTree, params: PyTree, x: jax.Array,
     return _tree_add(total, clipped_grad(loss_fn, params, x1, y1, clip_norm, w))
 
 
-def traced_sum_strategy(engine: Engine) -> Callable[..., PyTree] | None:
-    """The traceable summation an engine runs, or None for jit-dispatch (a Python loop)."""
+def traced_sum_strategy(engine: Engine, private: bool = True) -> Callable[..., PyTree] | None:
+    """The traceable summation an engine runs, or None for jit-dispatch (a Python loop).
+
+    Private steps sum clipped per-example gradients. Non-private steps keep the engine's
+    switches: a vectorised engine takes the batched gradient (:func:`batched_sum`), a loop
+    engine runs the same loop as its private step without clipping (``clip_norm=None``).
+    """
     if engine.vectorized:
-        return vmap_sum
+        return vmap_sum if private else batched_sum
     if not engine.jit:
         return unrolled_sum  # run eagerly: the "none" engine
     return {"unrolled": unrolled_sum, "scan": scan_sum, "dispatch": None}[engine.loop]
@@ -255,7 +297,7 @@ class DispatchLoop:
         self.accumulate = jax.jit(accumulate, donate_argnums=(0,))
 
     def __call__(self, params: PyTree, x: jax.Array, y: jax.Array,
-                 clip_norm: float | jax.Array, mask: jax.Array | None = None) -> PyTree:
+                 clip_norm: float | jax.Array | None, mask: jax.Array | None = None) -> PyTree:
         total = self.zeros(params)
         for i in range(x.shape[0]):
             total = self.accumulate(total, params, x, y, i, clip_norm, mask)
@@ -289,8 +331,8 @@ def clipped_grad_sum(engine: Engine | str, loss_fn: LossFn, params: PyTree, x: j
       params: parameter pytree.
       x: inputs ``[B, ...]``; y: labels ``[B]``.
       clip_norm: C > 0; ``inf`` disables clipping.
-      mask: optional ``[B]`` weights; examples with ``mask <= 0`` contribute exactly nothing
-        (padded slots of a fixed-capacity Poisson batch). Padded slots must hold valid inputs.
+      mask: optional ``[B]`` weights; examples with ``mask <= 0`` contribute exactly nothing,
+        whatever their values (padded slots of a fixed-capacity Poisson batch).
 
     Returns:
       A pytree shaped like ``params``: ``Σ_i mask_i · g_i · min(1, C / ‖g_i‖₂)``.

@@ -8,7 +8,9 @@ member that would land outside the target folder is refused.
 
 Cache folder: ``cache_dir`` argument, else ``$DPSGD_DATA_DIR``, else
 ``~/.cache/dpsgd-ablation``; each dataset in its own subfolder. Parsed arrays are kept beside
-the raw files as ``prepared-v1.npz`` (plain arrays, no pickle) so later runs start fast.
+the raw files as ``prepared.npz`` (plain arrays, no pickle) so later runs start fast; the file
+records the source checksums and :func:`preparation_version` (a hash of the parsing code), and
+is prepared again when either changes, so a parser change never reuses stale arrays.
 
 =========  ===================================================================================
 dataset    preparation (as the paper's code did)
@@ -45,7 +47,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 ENV_VAR = "DPSGD_DATA_DIR"
-PREPARED = "prepared-v1.npz"
+PREPARED = "prepared.npz"
 DOWNLOAD_TIMEOUT_S = 60
 
 
@@ -393,6 +395,19 @@ def prepare(name: str, paths: Sequence[Path], remotes: Sequence[RemoteFile]) -> 
     raise ValueError(f"unknown dataset {name!r}")
 
 
+def preparation_version() -> str:
+    """A hash of the code that turns raw files into arrays (the parsers and their constants).
+
+    Any change to it, a comment included, prepares the cached arrays again.
+    """
+    import inspect
+    import sys
+    module = sys.modules[__name__]
+    source = inspect.getsource(module)
+    start, end = source.index("# Parsers (one per format)"), source.index("def _save_npz_atomic")
+    return hashlib.sha256(source[start:end].encode()).hexdigest()[:16]
+
+
 def _save_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -415,15 +430,16 @@ def load(name: str, *, split: str = "train", cache_dir: str | os.PathLike | None
     paths = fetch_all(name, cache_dir, download=download, sources=sources)
     remotes = sources[name]
     prepared = paths[0].parent / PREPARED
-    stamp = np.array(",".join(r.sha256 for r in remotes))
+    stamp = {"sources": np.array(",".join(r.sha256 for r in remotes)),
+             "preparation": np.array(preparation_version())}
     arrays = None
     if prepared.exists():
         with np.load(prepared, allow_pickle=False) as f:
-            if "sources" in f and str(f["sources"]) == str(stamp):
-                arrays = {k: f[k] for k in f.files if k != "sources"}
+            if all(key in f and str(f[key]) == str(value) for key, value in stamp.items()):
+                arrays = {k: f[k] for k in f.files if k not in stamp}
     if arrays is None:
         arrays = prepare(name, paths, remotes)
-        _save_npz_atomic(prepared, {**arrays, "sources": stamp})
+        _save_npz_atomic(prepared, {**arrays, **stamp})
     if f"x_{split}" not in arrays:
         raise DatasetUnavailable(f"dataset {name} has no {split} split")
     return arrays[f"x_{split}"], arrays[f"y_{split}"]

@@ -32,6 +32,24 @@ class TrainingSet(NamedTuple):
         return int(self.x.shape[0])
 
 
+class RunKeys(NamedTuple):
+    """The independent random streams of one run, each from its own split of the seed.
+
+    No two uses share a key: the synthetic data, the initial parameters, the batch sampler and
+    the DP noise (folded with the step index, so every step gets a fresh noise key).
+    """
+
+    data: jax.Array
+    init: jax.Array
+    sampler: jax.Array
+    noise: jax.Array
+
+
+def run_keys(seed: int) -> RunKeys:
+    """The four streams of a run with this seed."""
+    return RunKeys(*jax.random.split(jax.random.key(seed), 4))
+
+
 class Batch(NamedTuple):
     """One batch. ``mask`` is None for fixed-size batches, ``[capacity]`` for Poisson ones."""
 
@@ -40,15 +58,16 @@ class Batch(NamedTuple):
     mask: jax.Array | None = None  # [B] 1.0 = a sampled example, 0.0 = a padded slot
 
 
-def synthetic(spec: DatasetSpec, seed: int, n: int | None = None) -> TrainingSet:
+def synthetic(spec: DatasetSpec, key: jax.Array, n: int | None = None) -> TrainingSet:
     """Random data with the real dataset's shapes and dtypes, generated on the device.
 
     Inputs are uniform in [0, 1) (images, Adult features) or uniform token ids in
-    ``[0, vocab_size)``; labels are uniform over the classes. Same seed ⇒ same data.
+    ``[0, vocab_size)``; labels are uniform over the classes. Same key ⇒ same data (use the
+    ``data`` stream of :func:`run_keys`).
     """
     n = spec.n_train if n is None else n
-    return TrainingSet(*_random_data(jax.random.key(seed), (n, *spec.input_shape),
-                                     spec.input_dtype, spec.vocab_size, spec.num_classes))
+    return TrainingSet(*_random_data(key, (n, *spec.input_shape), spec.input_dtype,
+                                     spec.vocab_size, spec.num_classes))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
@@ -64,16 +83,19 @@ def _random_data(key: jax.Array, shape: tuple[int, ...], dtype: str, vocab_size:
     return x, jax.random.randint(ky, (shape[0],), 0, num_classes, jnp.int32)
 
 
-def load_training_set(spec: DatasetSpec, source: str, *, seed: int, limit: int | None = None,
+def load_training_set(spec: DatasetSpec, source: str, *, key: jax.Array, limit: int | None = None,
                       cache_dir: str | None = None, download: bool = True) -> TrainingSet:
-    """The training set for ``spec`` on the device, optionally only its first ``limit`` rows."""
+    """The training set for ``spec`` on the device, optionally only its first ``limit`` rows.
+
+    ``key`` draws synthetic data (real data ignores it).
+    """
     if source not in SOURCES:
         raise ValueError(f"unknown data source {source!r}; valid: {', '.join(SOURCES)}")
     if limit is not None and limit < 1:
         raise ValueError(f"data.limit must be a positive integer, got {limit}")
     if source == "synthetic":
         n = spec.n_train if limit is None else min(limit, spec.n_train)
-        return synthetic(spec, seed, n)
+        return synthetic(spec, key, n)
     from ablation.data import datasets  # real files: only imported when asked for
 
     x, y = datasets.load(spec.name, cache_dir=cache_dir, download=download)
@@ -89,14 +111,14 @@ class ShuffleSampler:
     ``i % steps_per_epoch``. The permutation and the gather are compiled device work.
     """
 
-    def __init__(self, data: TrainingSet, batch_size: int, seed: int):
+    def __init__(self, data: TrainingSet, batch_size: int, key: jax.Array):
         if batch_size > data.size:
             raise ValueError(f"batch_size {batch_size} exceeds the training set "
                              f"({data.size} examples)")
         self.data = data
         self.batch_size = batch_size
         self.steps_per_epoch = data.size // batch_size
-        self._key = jax.random.key(seed)
+        self._key = key
         self._epoch = -1
         self._perm = None
 
@@ -128,12 +150,13 @@ class PoissonSampler:
 
     Each example joins a step independently with probability ``q = batch_size / n``. The
     sampled examples fill the first slots of a ``capacity``-long batch, in random order; the
-    other slots hold real (finite) examples with mask 0. When more than ``capacity`` examples
+    other slots hold randomly chosen unsampled examples with mask 0 (the engines select them
+    away, so what they hold never matters). When more than ``capacity`` examples
     are sampled (rare), a uniformly random subset of ``capacity`` of them is kept; the
     overflow is counted in ``overflow_steps`` and accounted by the PLD accountant.
     """
 
-    def __init__(self, data: TrainingSet, batch_size: int, seed: int, capacity: int):
+    def __init__(self, data: TrainingSet, batch_size: int, key: jax.Array, capacity: int):
         if batch_size > data.size:
             raise ValueError(f"batch_size {batch_size} exceeds the training set "
                              f"({data.size} examples)")
@@ -145,7 +168,7 @@ class PoissonSampler:
         self.capacity = capacity
         self.sampling_rate = batch_size / data.size
         self.steps_per_epoch = data.size // batch_size
-        self._key = jax.random.key(seed)
+        self._key = key
         self._counts: list[jax.Array] = []
         q, n = self.sampling_rate, data.size
 
@@ -153,9 +176,10 @@ class PoissonSampler:
         def sample(x, y, key):
             k_in, k_order = jax.random.split(key)
             selected = jax.random.uniform(k_in, (n,)) < q
-            # Random priorities: sampled examples in [0, 1), the rest 2. The `capacity` lowest
-            # are the sampled ones in random order (a random subset on overflow), then padding.
-            priority = jnp.where(selected, jax.random.uniform(k_order, (n,)), 2.0)
+            # Random priorities: sampled examples in [0, 1), the rest in [2, 3). The `capacity`
+            # lowest are the sampled ones in random order (a random subset on overflow), then
+            # padding slots drawn at random from the unsampled examples (never the same few).
+            priority = jax.random.uniform(k_order, (n,)) + jnp.where(selected, 0.0, 2.0)
             _, idx = jax.lax.top_k(-priority, capacity)
             mask = (jnp.take(priority, idx) < 2.0).astype(jnp.float32)
             return (jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0), mask,

@@ -2,22 +2,28 @@
 
 Search: grow the batch size geometrically from ``start`` until a size does not fit, then
 bisect between the largest size that fit and the smallest that did not, down to
-``resolution``. Each try runs one real step (any engine, private or not) in a fresh worker
-process, so a failure cannot poison the next try:
+``resolution``. Each try runs one real step (any engine, private or not; under Poisson
+sampling the padded capacity that such a step really runs) in a fresh worker process, so a
+failure cannot poison the next try. What "fits" means is measured the same way for every
+engine on a device, and each record says what its cap limited (``cap_enforced``):
 
-* on a GPU the worker's device memory is capped (``XLA_PYTHON_CLIENT_MEM_FRACTION`` of the
-  device, preallocated, so XLA's allocator refuses anything beyond it);
-* on the CPU the worker's heap is capped (``RLIMIT_DATA``, which covers malloc and anonymous
-  mappings), so a CPU probe ends in seconds instead of at the machine's full memory. The cap
-  is set after the runtime has started and the step has been compiled, at the process's data
-  size then plus ``limit_gb``: like a GPU's memory it holds the parameters, optimizer state,
-  batch and the step's buffers, not Python, JAX or the compiler.
+* GPU — the cap is enforced: XLA's allocator preallocates exactly the cap
+  (``XLA_PYTHON_CLIENT_MEM_FRACTION``) and refuses anything beyond it
+  (``RESOURCE_EXHAUSTED``). A device that reports no memory limit cannot be capped, and the
+  probe refuses rather than record a cap it did not apply. The peak is the allocator's; when
+  compilation (autotuning) left a higher peak than the step, the try says so (``peak_scope``).
+* CPU — the cap is measured: a try fits when the step's own peak resident memory (parameters,
+  optimizer state, batch and every buffer of the step; the kernel's high-water mark reset
+  just before it, minus the resident memory then) is at most the cap. The step runs after the
+  runtime started, the step compiled and one warm-up step, so neither compiler nor kernel
+  caches count. An ``RLIMIT_DATA`` safety net (``max(2 × cap, cap + 1 GiB)`` of growth) stops a
+  runaway try; failing under it means needing more than the cap.
 
-Out of memory is what the runtime raises (``RESOURCE_EXHAUSTED``, ``MemoryError``) or the
-worker's death by signal under the cap (:mod:`ablation.sweep.failures`); any other failure stops the
-probe with status ``error``. For jit engines every try also records the peak the compiled step
-predicts (``compiled.memory_analysis()``), and ``predict_only`` searches on predictions alone,
-compiling but running nothing.
+A try that dies by a signal (or fails with another error) while limited is not taken as out of
+memory on faith: the parent runs it again without any limit, and only if it then runs (CPU:
+with a peak above the cap) is it out of memory (:mod:`ablation.sweep.jobs`). For jit engines
+every try also records the peak the compiled step predicts (``compiled.memory_analysis()``),
+and ``predict_only`` searches on predictions alone, compiling but running nothing.
 """
 
 from __future__ import annotations
@@ -34,14 +40,22 @@ import jax
 
 from ablation.measure.settings import CellConfig, ProbeSettings
 
+#: The CPU safety net: at most this much growth of the data segment during a try.
+SAFETY_FACTOR, SAFETY_MIN_EXTRA = 2, 1 << 30
 
-class CapExceeded(MemoryError):
-    """A step that runs without the memory cap failed under it: out of memory."""
+
+def safety_limit(cap_bytes: int) -> int:
+    """Bytes of data-segment growth a CPU try may reach before it is stopped."""
+    return max(SAFETY_FACTOR * cap_bytes, cap_bytes + SAFETY_MIN_EXTRA)
 
 
 @dataclasses.dataclass
 class Try:
-    """One batch size tried: did it fit, and how much memory it took or was predicted to."""
+    """One batch size tried: did it fit, and how much memory it took or was predicted to.
+
+    ``batch_size`` is the (expected) batch size searched over; ``rows`` the examples the step
+    really held (the padded capacity under Poisson sampling).
+    """
 
     batch_size: int
     status: str  # ok | oom | error | timeout
@@ -49,6 +63,9 @@ class Try:
     predicted_bytes: int | None = None
     error: str | None = None
     wall_s: float | None = None
+    rows: int | None = None
+    peak_scope: str | None = None
+    verified: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -207,8 +224,8 @@ def _reset_peak_rss() -> bool:
 
 
 @contextlib.contextmanager
-def _data_cap(extra_bytes: int | None) -> Iterator[None]:
-    """Cap the process' data size at its current size plus ``extra_bytes`` (None: no cap).
+def _data_limit(extra_bytes: int | None) -> Iterator[None]:
+    """Limit the process' data size to its current size plus ``extra_bytes`` (None: no limit).
 
     The previous limit comes back on exit, also after an out-of-memory error, so the worker
     can still report what happened.
@@ -238,96 +255,109 @@ def predicted_peak(compiled) -> int | None:
                + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
 
+def rows_of(cell: CellConfig, batch_size: int, n_train: int) -> int:
+    """Examples one step of ``cell`` holds at (expected) ``batch_size``: the padded capacity
+    under Poisson sampling, else the batch size."""
+    if cell.dp.sampling != "poisson":
+        return batch_size
+    from ablation.data.samplers import poisson_capacity
+    return poisson_capacity(batch_size, max(n_train, batch_size), cell.dp.capacity_sigmas)
+
+
 def try_batch(cell: CellConfig, noise_multiplier: float, batch_size: int, *,
-              predict_only: bool = False, cap_bytes: int | None = None,
+              predict_only: bool = False, cap_bytes: int | None = None, n_train: int | None = None,
               on_predicted: Callable[[int], None] | None = None) -> dict[str, Any]:
     """One DP-SGD step of ``cell`` at ``batch_size`` (worker side); a :class:`Try` as a dict.
 
-    Order matters for an honest CPU cap: the JAX runtime starts, the step is compiled on
-    abstract shapes (jit engines) and run once to warm up (eager engines compile each
-    primitive's kernel on first use), and only then is the cap set, at the process's current
-    data size plus ``cap_bytes``; the parameters, optimizer state, batch and every buffer of
-    the measured step are allocated under it, which is what a GPU's device memory would hold.
-    The batch is synthetic with the dataset's shapes (the training set is not loaded: the
-    probe measures the step). Exceptions propagate to the worker, which classifies them;
-    ``on_predicted`` receives the compiled step's predicted peak before the step runs.
+    ``cap_bytes`` is the cap on the CPU (measured against the step's peak, with a safety net;
+    see the module docstring); None runs without any limit (also how a suspicious failure is
+    verified). On a GPU the cap is the allocator's, set by the parent. The batch is synthetic
+    with the dataset's shapes (the training set is not loaded: the probe measures the step).
+    Exceptions propagate to the worker, which classifies them; ``on_predicted`` receives the
+    compiled step's predicted peak before the step runs.
     """
+    import jax.numpy as jnp
+
     from ablation.core.dpsgd import DPConfig, make_step, sgd
     from ablation.core.engines import get_engine
-    from ablation.data.samplers import synthetic
+    from ablation.data.samplers import run_keys, synthetic
     from models import get_model
 
     start = time.perf_counter()
-    jax.block_until_ready(jax.jit(lambda v: v + 1)(jax.numpy.zeros(1)))  # start the runtime
+    jax.block_until_ready(jax.jit(lambda v: v + 1)(jnp.zeros(1)))  # start the runtime
     device = jax.devices()[0]
     on_cpu = device.platform == "cpu"
     model = get_model(cell.model, unroll=cell.unroll)
+    spec = model.dataset
+    rows = rows_of(cell, batch_size, n_train or spec.n_train)
+    poisson = rows != batch_size or cell.dp.sampling == "poisson"
     engine = get_engine(cell.engine, cell.loop)
     optimizer = sgd(cell.lr)
     dp = DPConfig(cell.dp.clip_norm, noise_multiplier) if cell.private else None
-    step = make_step(engine, model.loss, optimizer, dp, donate=True)
-    init_key, step_key = jax.random.split(jax.random.key(cell.seed))
+    step = make_step(engine, model.loss, optimizer, dp, donate=True,
+                     expected_batch_size=batch_size if poisson else None)
+    keys = run_keys(cell.seed)
 
     def make_state():
-        params = model.init(init_key)
+        params = model.init(keys.init)
         return params, optimizer.init(params)
 
-    spec = model.dataset
+    def make_batch():
+        data = synthetic(spec, keys.data, n=rows)
+        # A Poisson step holds `rows` slots of which about `batch_size` are sampled.
+        mask = (jnp.arange(rows) < batch_size).astype(jnp.float32) if poisson else None
+        return data.x, data.y, mask
+
     abstract_state = jax.eval_shape(make_state)
-    abstract_x = jax.ShapeDtypeStruct((batch_size, *spec.input_shape),
-                                      jax.numpy.dtype(spec.input_dtype))
-    abstract_y = jax.ShapeDtypeStruct((batch_size,), jax.numpy.int32)
-    predicted = None
+    abstract_batch = jax.eval_shape(make_batch)
+    result: dict[str, Any] = {"batch_size": batch_size, "rows": rows, "status": "ok",
+                              "peak_bytes": None, "predicted_bytes": None, "peak_scope": None}
     if engine.jit:
-        step.compile(*abstract_state, abstract_x, abstract_y, step_key)
+        step.compile(*abstract_state, abstract_batch[0], abstract_batch[1], keys.noise,
+                     abstract_batch[2])
         peaks = [predicted_peak(c) for c in step.executables]
-        predicted = None if not peaks or any(p is None for p in peaks) else max(peaks)
+        result["predicted_bytes"] = None if not peaks or any(p is None for p in peaks) else max(peaks)
     elif predict_only:
         raise ValueError(f"memory.predict_only needs a jit engine (both or jit), not {engine.name}")
     if predict_only:
-        return {"batch_size": batch_size, "status": "ok", "predicted_bytes": predicted,
-                "peak_bytes": None, "wall_s": time.perf_counter() - start}
+        return {**result, "wall_s": time.perf_counter() - start}
+    if on_predicted is not None and result["predicted_bytes"] is not None:
+        # Reported before the step runs: a try that then fails, even by dying, keeps its
+        # prediction (the sizes that did not fit are where it is worth comparing).
+        on_predicted(result["predicted_bytes"])
 
-    def measure() -> dict[str, Any]:
-        if on_cpu:
-            # A warm-up step first, under a looser safety cap: the eager engines compile each
-            # primitive's kernel on first use, and compiler memory is host memory, not what a
-            # GPU's device memory would hold. The measured step then reuses those kernels.
-            with _data_cap(None if cap_bytes is None else 2 * cap_bytes + (1 << 30)):
-                warm_x, warm_y = synthetic(spec, cell.seed, n=batch_size)[:2]
-                jax.block_until_ready(step(*make_state(), warm_x, warm_y, step_key))
-                del warm_x, warm_y
-            gc.collect()
-        baseline = _proc_status_bytes("VmRSS") if on_cpu else 0
-        try:
-            with _data_cap(cap_bytes if on_cpu else None):
-                peak_reset = _reset_peak_rss() if on_cpu else False
-                state = make_state()
-                batch = synthetic(spec, cell.seed, n=batch_size)
-                new_state = step(*state, batch.x, batch.y, step_key)
-                jax.block_until_ready(new_state)
-                peak_rss = _proc_status_bytes("VmHWM") if peak_reset else None
-        except Exception as error:
-            if on_cpu and cap_bytes is not None and not isinstance(error, MemoryError):
-                # The same step has just run without the cap, so the cap is what broke it,
-                # however the failing allocation reported itself (XLA status, INTERNAL error).
-                from ablation.report.records import one_line
-                raise CapExceeded(f"fails under the cap, runs without it: {one_line(error)}") \
-                    from error
-            raise
-        stats = device.memory_stats()
-        if stats and "peak_bytes_in_use" in stats:  # GPU: the device allocator's own peak
-            peak = int(stats["peak_bytes_in_use"])
-        elif peak_rss is not None:  # CPU: the process' peak resident memory above the baseline
-            peak = peak_rss - baseline
-        else:
-            peak = None
-        return {"batch_size": batch_size, "status": "ok", "peak_bytes": peak,
-                "predicted_bytes": predicted, "baseline_bytes": baseline,
-                "wall_s": time.perf_counter() - start}
+    safety = safety_limit(cap_bytes) if on_cpu and cap_bytes is not None else None
 
-    if on_predicted is not None and predicted is not None:
-        # Reported before the step runs: a try that then fails, even by dying under the cap,
-        # keeps its prediction (the sizes that did not fit are where it is worth comparing).
-        on_predicted(predicted)
-    return measure()
+    def one_step():
+        state = make_state()
+        x, y, mask = make_batch()
+        return jax.block_until_ready(step(*state, x, y, keys.noise, mask))
+
+    if on_cpu:
+        # A warm-up step first: the eager engines compile each primitive's kernel on first
+        # use, and compiler memory is host memory, not what a device's memory would hold.
+        with _data_limit(safety):
+            one_step()
+        gc.collect()
+        baseline = _proc_status_bytes("VmRSS")
+        with _data_limit(safety):
+            peak_reset = _reset_peak_rss()
+            one_step()
+            high_water = _proc_status_bytes("VmHWM") if peak_reset else None
+        result["peak_bytes"] = None if high_water is None else high_water - baseline
+        result["peak_scope"] = "step" if peak_reset else None
+        if cap_bytes is not None and result["peak_bytes"] is not None \
+                and result["peak_bytes"] > cap_bytes:
+            result.update(status="oom", error=f"the step's peak {result['peak_bytes'] / (1 << 20):.0f}"
+                          f" MiB exceeds the cap {cap_bytes / (1 << 20):.0f} MiB")
+    else:
+        before = (device.memory_stats() or {}).get("peak_bytes_in_use", 0)
+        one_step()
+        stats = device.memory_stats() or {}
+        if "peak_bytes_in_use" in stats:  # the device allocator's own, process-lifetime peak
+            result["peak_bytes"] = int(stats["peak_bytes_in_use"])
+            # The lifetime peak is the step's only if the step raised it above what compiling
+            # (autotuning) had left; otherwise it is an upper bound.
+            result["peak_scope"] = "step" if result["peak_bytes"] > before else "process"
+    result["wall_s"] = time.perf_counter() - start
+    return result

@@ -36,7 +36,7 @@ class TimingConfig:
     max_steps: int = 100
     budget_s: float = 10.0
     warmup_steps: int = 2
-    min_steps: int = 3
+    min_steps: int = 5
     timeout_s: float = 1800.0
     progress: bool = True
 
@@ -62,7 +62,7 @@ class CellConfig:
     loop: str = "dispatch"
     engine_mode: str | None = None  # opacus grad-sample mode
     model: str = "ffnn"
-    unroll: str = "static"
+    unroll: str = "dynamic"
     data: str = "synthetic"
     data_limit: int | None = None
     data_cache_dir: str | None = None

@@ -1,88 +1,165 @@
 """Results → tidy pandas frames: the numbers behind every figure and table.
 
 Every function takes the frame of :func:`ablation.results.load` (or one of these frames) and
-returns a new frame; nothing here plots. Cells are identified by :data:`CELL` plus the device
-they ran on, so numbers from a laptop CPU and an H100 never mix. A cell the caller asks for
-and the results lack raises :class:`MissingCells` naming it: a missing run is never a zero.
+returns a new frame; nothing here plots. A record belongs to a *family* (its sweep: the same
+machine, code and settings, only the grid's engine × model × batch × privacy varying;
+:func:`ablation.report.records.record_family`) and is a *cell* of it. Figures and tables take
+one family at a time (:func:`groups`), so a quick run never lands in a reference figure and
+nothing is averaged across caps, seeds or timing modes. Two records of the same cell of a
+family are the same measurement twice: the newest is kept and a warning names both files.
+A cell the caller asks for and the results lack raises :class:`MissingCells` naming it: a
+missing run is never a zero.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 
 from ablation.report import records
-from ablation.report.summary import ENGINE_ORDER, engine_label
+from ablation.report.summary import ENGINE_ORDER, engine_label, model_label
 
-#: What identifies one cell of the grid (with the device).
+#: What identifies one cell of a family.
 CELL = ("engine_label", "model", "batch_size", "private", "data")
-MODEL_ORDER = ("logreg", "ffnn", "cnn", "embed", "lstm", "cifar10")
+MODEL_ORDER = ("logreg", "ffnn", "cnn", "embed", "lstm", "lstm[static]", "cifar10")
 
 
 class MissingCells(LookupError):
     """Cells asked for that no ok record holds; the message names them."""
 
 
+class DuplicateRecords(UserWarning):
+    """Two records of the same cell of the same family: the newest is kept."""
+
+
+class NoRecords(LookupError):
+    """A folder holds no result records."""
+
+
 def device_label(row: pd.Series) -> str:
-    """``cpu (2 cores)``-style label of where a record ran: device kind, and host CPUs on CPU."""
+    """Where a record ran: ``NVIDIA H100 80GB HBM3``, or ``cpu: AMD EPYC 7B13 (2 cores)``."""
     env = row.get("env") if isinstance(row.get("env"), dict) else {}
-    kind = env.get("device_kind") or "unknown"
     if env.get("platform") == "cpu":
-        return f"cpu ({env.get('cpu_count')} cores)"
-    return str(kind)
+        model = env.get("cpu_model")
+        cores = f"{env.get('cpu_count')} cores"
+        return f"cpu: {model} ({cores})" if model else f"cpu ({cores})"
+    return str(env.get("device_kind") or "unknown")
 
 
-def timing_frame(records: pd.DataFrame, *, ok_only: bool = True) -> pd.DataFrame:
-    """One row per timing cell and device: the latest record of each, tidy columns.
+def family_label(frame: pd.DataFrame) -> str:
+    """A readable name of one family's folder: its experiment (or ``runs``) and a short hash."""
+    experiments = sorted({e for e in frame.get("experiment", pd.Series(dtype=object)).dropna()})
+    name = experiments[0] if len(experiments) == 1 else "runs"
+    family = str(frame["family"].iloc[0]) if "family" in frame and len(frame) else "family"
+    return f"{name}-{family[:6]}"
 
-    Columns: engine_label, engine, framework, model, batch_size, private, data, device,
-    status, compile_s, first_step_s, first_epoch_s, median_step_s, median_epoch_s,
-    epoch_estimated, epsilon, n_params, started_at, path.
+
+def _dedupe(frame: pd.DataFrame, cell: Sequence[str]) -> pd.DataFrame:
+    """One record per cell of each family: the newest, with a warning naming the others."""
+    keys = ["family", *cell]
+    frame = frame.assign(_when=frame.get("finished_at", frame["started_at"]).fillna(
+        frame["started_at"])).sort_values("_when")
+    dup = frame.duplicated(subset=keys, keep="last")
+    for _, row in frame[dup].iterrows():
+        kept = frame[~dup]
+        match = kept
+        for key in keys:
+            match = match[match[key] == row[key]]
+        keep_path = match["path"].iloc[0] if len(match) else "?"
+        warnings.warn(f"two records of the same cell ({'/'.join(str(row[k]) for k in cell)}), "
+                      f"same machine, code and settings: keeping {keep_path}, ignoring "
+                      f"{row['path']}", DuplicateRecords, stacklevel=3)
+    return frame[~dup].drop(columns="_when")
+
+
+def timing_frame(records_frame: pd.DataFrame, *, ok_only: bool = True) -> pd.DataFrame:
+    """One row per timing cell of each family, tidy columns.
+
+    Columns: engine_label, engine, framework, model (``lstm[static]`` for the paper's unroll),
+    batch_size, private, data, device, family, identity, experiment, status, compile_s,
+    first_step_s, first_epoch_s, median_step_s, iqr_step_s, steps_timed, throughput_step_s,
+    median_epoch_s, epoch_estimated, epsilon, n_params, started_at, path.
     """
-    if records.empty or "kind" not in records:
-        return pd.DataFrame(columns=[*CELL, "device", "median_epoch_s"])
-    frame = records[records["kind"] == "timing"].copy()
+    empty = pd.DataFrame(columns=[*CELL, "device", "family", "median_epoch_s"])
+    if records_frame.empty or "kind" not in records_frame:
+        return empty
+    frame = records_frame[records_frame["kind"] == "timing"].copy()
     if ok_only:
         frame = frame[frame["status"] == "ok"]
     if frame.empty:
-        return pd.DataFrame(columns=[*CELL, "device", "median_epoch_s"])
+        return empty
+    for column in ("loop", "engine_mode", "unroll", "experiment", "finished_at"):
+        if column not in frame:
+            frame[column] = None
     frame["engine_label"] = frame.apply(engine_label, axis=1)
+    frame["model"] = frame.apply(model_label, axis=1)
     frame["framework"] = np.where(frame["engine"] == "opacus",
                                   np.where(frame["private"], "opacus", "pytorch"), "jax")
     frame["device"] = frame.apply(device_label, axis=1)
-    for column in ("compile_s", "first_step_s", "first_epoch_s", "median_step_s",
-                   "median_epoch_s", "epsilon"):
+    for column in ("compile_s", "first_step_s", "first_epoch_s", "median_step_s", "iqr_step_s",
+                   "throughput_step_s", "median_epoch_s", "epsilon", "steps_timed"):
         if column not in frame:
             frame[column] = np.nan
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
-    frame = (frame.sort_values("started_at")
-             .drop_duplicates(subset=[*CELL, "device"], keep="last"))
-    columns = [*CELL, "engine", "framework", "device", "status", "compile_s", "first_step_s",
-               "first_epoch_s", "median_step_s", "median_epoch_s", "epoch_estimated", "epsilon",
-               "n_params", "started_at", "path"]
+    if "epoch_estimated" not in frame:
+        frame["epoch_estimated"] = True
+    frame = _dedupe(frame, CELL)
+    columns = [*CELL, "engine", "framework", "device", "family", "identity", "experiment",
+               "status", "compile_s", "first_step_s", "first_epoch_s", "median_step_s",
+               "iqr_step_s", "steps_timed", "throughput_step_s", "median_epoch_s",
+               "epoch_estimated", "epsilon", "n_params", "started_at", "path"]
     return frame[[c for c in columns if c in frame]].reset_index(drop=True)
 
 
-def memory_frame(records: pd.DataFrame) -> pd.DataFrame:
-    """One row per memory probe (latest per engine, model, privacy, cap and device)."""
-    if records.empty or "kind" not in records:
-        return pd.DataFrame(columns=["engine", "model", "private", "max_batch_size"])
-    frame = records[(records["kind"] == "memory") & (records["status"] == "ok")].copy()
+def memory_frame(records_frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per memory probe of each family; a prediction (``predict_only``) and a
+    measurement of the same cell are different rows (``measured`` tells them apart)."""
+    empty = pd.DataFrame(columns=["engine_label", "model", "private", "max_batch_size",
+                                  "device", "family"])
+    if records_frame.empty or "kind" not in records_frame:
+        return empty
+    frame = records_frame[(records_frame["kind"] == "memory")
+                          & (records_frame["status"] == "ok")].copy()
     if frame.empty:
-        return pd.DataFrame(columns=["engine", "model", "private", "max_batch_size"])
+        return empty
+    for column in ("loop", "engine_mode", "unroll", "experiment", "finished_at",
+                   "cap_enforced", "predict_only"):
+        if column not in frame:
+            frame[column] = None
     frame["engine_label"] = frame.apply(engine_label, axis=1)
+    frame["model"] = frame.apply(model_label, axis=1)
     frame["device"] = frame.apply(device_label, axis=1)
+    frame["measured"] = ~frame["predict_only"].fillna(False).astype(bool)
     frame["limit_gib"] = frame["limit_bytes"].map(
         lambda b: np.nan if b is None or b != b else b / (1 << 30))
-    frame = (frame.sort_values("started_at")
-             .drop_duplicates(subset=["engine_label", "model", "private", "limit_gib", "device"],
-                              keep="last"))
-    columns = ["engine_label", "engine", "model", "private", "device", "limit_gib",
-               "max_batch_size", "predicted_max_batch_size", "reached_max", "predict_only"]
+    frame = _dedupe(frame, ["engine_label", "model", "private", "measured"])
+    columns = ["engine_label", "engine", "model", "private", "measured", "device", "family",
+               "identity", "experiment", "limit_gib", "cap_enforced", "max_batch_size",
+               "predicted_max_batch_size", "reached_max", "path"]
     return frame[[c for c in columns if c in frame]].reset_index(drop=True)
+
+
+def groups(frame: pd.DataFrame) -> Iterator[tuple[str, str, pd.DataFrame]]:
+    """``(device, family label, rows)`` for each family in ``frame``, devices sorted."""
+    if frame.empty:
+        return
+    for (device, _), part in sorted(frame.groupby(["device", "family"], sort=False),
+                                    key=lambda item: (item[0][0], family_label(item[1]))):
+        yield device, family_label(part), part
+
+
+def one_family(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` itself when it holds one family; a clear error when it mixes several."""
+    families = frame["family"].dropna().unique() if "family" in frame and len(frame) else []
+    if len(families) > 1:
+        labels = sorted(family_label(frame[frame["family"] == f]) for f in families)
+        raise ValueError(f"results from {len(families)} different runs (machines, code or "
+                         f"settings): {', '.join(labels)}; draw each apart (analysis.groups)")
+    return frame
 
 
 def require(frame: pd.DataFrame, **wanted: Iterable) -> pd.DataFrame:
@@ -107,18 +184,6 @@ def require(frame: pd.DataFrame, **wanted: Iterable) -> pd.DataFrame:
     return frame[mask]
 
 
-def one_device(frame: pd.DataFrame, device: str | None = None) -> pd.DataFrame:
-    """The rows of one device; with several present, ``device`` must say which."""
-    devices = sorted(frame["device"].unique()) if len(frame) else []
-    if device is None:
-        if len(devices) > 1:
-            raise ValueError(f"results from several devices ({', '.join(devices)}): pass device=")
-        return frame
-    if device not in devices:
-        raise MissingCells(f"no results from device {device!r}; present: {', '.join(devices)}")
-    return frame[frame["device"] == device]
-
-
 def ablation_speedups(frame: pd.DataFrame, *, batch_size: int, private: bool = True,
                       models: Sequence[str] | None = None,
                       engines: Sequence[str] = ("both", "jit", "vmap", "none")) -> pd.DataFrame:
@@ -136,9 +201,35 @@ def ablation_speedups(frame: pd.DataFrame, *, batch_size: int, private: bool = T
     return _ordered(out)
 
 
+#: The four factors of the 2x2 ablation: (name, slower engine, faster engine).
+FACTORS = (("jit, with vmap (vmap → both)", "vmap", "both"),
+           ("jit, without vmap (none → jit)", "none", "jit"),
+           ("vmap, with jit (jit → both)", "jit", "both"),
+           ("vmap, without jit (none → vmap)", "none", "vmap"))
+
+
+def decomposition(frame: pd.DataFrame, *, batch_size: int, private: bool = True,
+                  models: Sequence[str] | None = None) -> pd.DataFrame:
+    """What each ingredient contributes, per model: the 2×2 ablation as factors.
+
+    Columns: model, one column per :data:`FACTORS` entry (how many times faster adding that
+    ingredient makes the step), and ``interaction`` = (jit with vmap) ÷ (jit without vmap)
+    = (vmap with jit) ÷ (vmap without jit): 1 when the two multiply, above 1 when together
+    they do more than the product of their effects alone.
+    """
+    table = ablation_speedups(frame, batch_size=batch_size, private=private, models=models)
+    epoch = table.pivot(index="model", columns="engine_label", values="median_epoch_s")
+    out = pd.DataFrame(index=epoch.index)
+    for name, slow, fast in FACTORS:
+        out[name] = epoch[slow] / epoch[fast]
+    out["interaction"] = out[FACTORS[0][0]] / out[FACTORS[1][0]]
+    return _ordered(out.reset_index())
+
+
 def privacy_overhead(frame: pd.DataFrame) -> pd.DataFrame:
-    """Private ÷ non-private epoch time for the same engine, model, batch and device."""
-    keys = ["engine_label", "model", "batch_size", "data", "device"]
+    """Private ÷ non-private epoch time for the same engine, model, batch and family: the cost
+    of clipping and noise alone (non-private steps keep the engine's switches)."""
+    keys = ["engine_label", "model", "batch_size", "data", "device", "family"]
     private = frame[frame["private"] == True].set_index(keys)["median_epoch_s"]  # noqa: E712
     public = frame[frame["private"] == False].set_index(keys)["median_epoch_s"]  # noqa: E712
     both = private.to_frame("private_s").join(public.to_frame("nonprivate_s"), how="inner")
@@ -148,8 +239,9 @@ def privacy_overhead(frame: pd.DataFrame) -> pd.DataFrame:
 
 def max_batch_sizes(memory: pd.DataFrame) -> pd.DataFrame:
     """Largest batch per engine and model (and cap), with the prediction where one exists."""
-    return _ordered(memory[["engine_label", "model", "private", "limit_gib", "device",
-                            "max_batch_size", "predicted_max_batch_size"]].copy())
+    columns = ["engine_label", "model", "private", "measured", "limit_gib", "device", "family",
+               "max_batch_size", "predicted_max_batch_size"]
+    return _ordered(memory[[c for c in columns if c in memory]].copy())
 
 
 def compile_times(frame: pd.DataFrame) -> pd.DataFrame:
@@ -186,6 +278,16 @@ def _ordered(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def load(root: str | Path = "outputs") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(timing, memory)`` frames of every record under ``root``."""
+    """``(timing, memory)`` frames of every record under ``root`` (a run, a sweep, or a folder
+    of them).
+
+    Raises:
+      NoRecords: ``root`` does not exist or holds no result records.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise NoRecords(f"no such folder: {root}")
     frame = records.load(root)
+    if frame.empty:
+        raise NoRecords(f"no result records (result.json) under {root}")
     return timing_frame(frame), memory_frame(frame)

@@ -4,8 +4,11 @@ Each figure function takes a frame of :mod:`ablation.report.analysis` and return
 ``Figure``; one palette and one engine order everywhere; axis labels carry units. Cells a
 figure is asked for and the frame lacks raise :class:`ablation.report.analysis.MissingCells`.
 
+Each figure shows one family of records (one sweep's machine, code and settings; see
+:mod:`ablation.report.analysis`) and refuses a frame that mixes several.
 ``python -m ablation.figures outputs --out outputs/figures`` draws every figure the results
-under ``outputs/`` support, one folder per device, as PNG and PDF, running no experiment.
+under ``outputs/`` support, one folder per device and family, as PNG and PDF, running no
+experiment.
 """
 
 from __future__ import annotations
@@ -68,6 +71,19 @@ def _device_title(frame: pd.DataFrame) -> str:
     return f" — {', '.join(devices)}" if devices else ""
 
 
+def _epoch_axis(frame: pd.DataFrame) -> str:
+    """The epoch-time axis label, saying whether the epochs were run or estimated."""
+    estimated = frame.get("epoch_estimated", pd.Series(True, index=frame.index))
+    estimated = estimated.fillna(True).astype(bool)
+    if estimated.all():
+        how = "estimated: steps/epoch × throughput"
+    elif not estimated.any():
+        how = "full epochs run"
+    else:
+        how = "some estimated from steps"
+    return f"median epoch time (s, log; {how})"
+
+
 def runtimes(frame: pd.DataFrame, model: str, *, batch_sizes: Sequence[int] | None = None,
              systems: Sequence[str] | None = None) -> plt.Figure:
     """Median epoch time per engine/framework, hue = batch size; private and non-private panels.
@@ -75,7 +91,8 @@ def runtimes(frame: pd.DataFrame, model: str, *, batch_sizes: Sequence[int] | No
     The paper's Figures 1–11 for one model. ``batch_sizes``/``systems`` pin the cells drawn
     (each must exist); by default every cell of the model in ``frame`` is drawn.
     """
-    data = frame[frame["model"] == model].copy()
+    data = analysis.one_family(frame)
+    data = data[data["model"] == model].copy()
     if data.empty:
         raise MissingCells(f"no ok result for model {model}")
     data["system"] = _system(data)
@@ -98,7 +115,7 @@ def runtimes(frame: pd.DataFrame, model: str, *, batch_sizes: Sequence[int] | No
         ax.set_yscale("log")
         ax.set_title(f"{model}, {'private (DP-SGD)' if private else 'non-private (SGD)'}")
         ax.set_xlabel("engine / framework")
-        ax.set_ylabel("median epoch time (s, log scale)")
+        ax.set_ylabel(_epoch_axis(part))
         ax.legend(title="batch size", fontsize=8)
         _label_bars(ax)
         _headroom(ax)
@@ -110,6 +127,7 @@ def runtimes(frame: pd.DataFrame, model: str, *, batch_sizes: Sequence[int] | No
 def ablation(frame: pd.DataFrame, *, batch_size: int, models: Sequence[str] | None = None,
              private: bool = True) -> plt.Figure:
     """The paper's §4.1: epoch time of the four engines per model at one batch size (log)."""
+    frame = analysis.one_family(frame)
     table = analysis.ablation_speedups(frame, batch_size=batch_size, private=private,
                                        models=models)
     fig, ax = plt.subplots(figsize=(1.6 + 1.5 * table["model"].nunique(), 4.2))
@@ -126,7 +144,7 @@ def ablation(frame: pd.DataFrame, *, batch_size: int, models: Sequence[str] | No
     handles, _ = ax.get_legend_handles_labels()
     ax.legend(handles, [ENGINE_NAMES[e] for e in engines], title="engine", fontsize=8)
     ax.set_xlabel("model")
-    ax.set_ylabel("median epoch time (s, log scale)")
+    ax.set_ylabel(_epoch_axis(frame[frame["batch_size"] == batch_size]))
     ax.set_title(f"jit × vmap ablation, {'private' if private else 'non-private'}, batch "
                  f"{batch_size}{_device_title(frame)}\n(labels: times slower than jit + vmap)",
                  fontsize=9)
@@ -134,9 +152,44 @@ def ablation(frame: pd.DataFrame, *, batch_size: int, models: Sequence[str] | No
     return fig
 
 
+def decomposition(frame: pd.DataFrame, *, batch_size: int, models: Sequence[str] | None = None,
+                  private: bool = True) -> plt.Figure:
+    """The answer to the question: how many times faster each ingredient makes a step, per
+    model (log scale): jit with and without vmap, vmap with and without jit. A dot marks
+    the interaction (1: the two multiply)."""
+    frame = analysis.one_family(frame)
+    table = analysis.decomposition(frame, batch_size=batch_size, private=private, models=models)
+    names = [name for name, _, _ in analysis.FACTORS]
+    long = table.melt(id_vars="model", value_vars=names, var_name="factor", value_name="x")
+    order = analysis.models_in(table)
+    fig, ax = plt.subplots(figsize=(2.0 + 1.8 * len(order), 4.4))
+    colours = [PALETTE["jit"], sns.desaturate(PALETTE["jit"], 0.4), PALETTE["vmap"],
+               sns.desaturate(PALETTE["vmap"], 0.4)]
+    sns.barplot(long, x="model", y="x", hue="factor", order=order, hue_order=names,
+                palette=dict(zip(names, colours)), ax=ax, errorbar=None)
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    _label_bars(ax, "{:.3g}")
+    twin = ax.twinx()
+    twin.plot(range(len(order)), table.set_index("model").loc[order, "interaction"], "kD",
+              label="interaction (right axis)")
+    twin.set_yscale("log")
+    twin.set_ylabel("interaction (1 = the factors multiply)")
+    _headroom(ax)
+    ax.set_xlabel("model")
+    ax.set_ylabel("times faster with the ingredient (log scale)")
+    handles, labels = ax.get_legend_handles_labels()
+    h2, l2 = twin.get_legend_handles_labels()
+    ax.legend(handles + h2, labels + l2, fontsize=7, loc="upper left")
+    ax.set_title(f"What jit and vmap each contribute, {'private' if private else 'non-private'}, "
+                 f"batch {batch_size}{_device_title(frame)}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def compile_times(frame: pd.DataFrame, *, models: Sequence[str] | None = None) -> plt.Figure:
     """Compile seconds against batch size per engine, one panel per model."""
-    table = analysis.compile_times(frame)
+    table = analysis.compile_times(analysis.one_family(frame))
     if models is not None:
         require(table, model=models)
         table = table[table["model"].isin(models)]
@@ -165,8 +218,12 @@ def compile_times(frame: pd.DataFrame, *, models: Sequence[str] | None = None) -
 
 def max_batch(memory: pd.DataFrame, *, models: Sequence[str] | None = None,
               engines: Sequence[str] | None = None) -> plt.Figure:
-    """The paper's §4.2: the largest batch that fits per model, with jit and without."""
-    table = analysis.max_batch_sizes(memory)
+    """The paper's §4.2: the largest batch that fits per model, with jit and without.
+
+    One family, so one cap. Bars of predictions (``memory.predict_only``: compiled, never run)
+    are hatched and labelled "(predicted)"; measured bars are plain.
+    """
+    table = analysis.max_batch_sizes(analysis.one_family(memory))
     if models is not None or engines is not None:
         require(table, model=models or sorted(table["model"].unique()),
                 engine_label=engines or sorted(table["engine_label"].unique()))
@@ -174,15 +231,26 @@ def max_batch(memory: pd.DataFrame, *, models: Sequence[str] | None = None,
                       & table["engine_label"].isin(engines or table["engine_label"].unique())]
     if table.empty:
         raise MissingCells("no ok memory record")
+    table = table.copy()
+    measured = table.get("measured", pd.Series(True, index=table.index)).astype(bool)
+    table["bar"] = [e if m else f"{e} (predicted)" for e, m in zip(table["engine_label"], measured)]
     order = analysis.models_in(table)
+    bars = _order(table["engine_label"].unique())
+    hue_order = [b for e in bars for b in (e, f"{e} (predicted)") if b in set(table["bar"])]
+    palette = {b: PALETTE.get(b.split(" ")[0], "grey") for b in hue_order}
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(order), 4.2))
-    sns.barplot(table, x="model", y="max_batch_size", hue="engine_label", order=order,
-                hue_order=_order(table["engine_label"].unique()), palette=PALETTE, ax=ax,
-                errorbar=None)
+    sns.barplot(table, x="model", y="max_batch_size", hue="bar", order=order,
+                hue_order=hue_order, palette=palette, ax=ax, errorbar=None)
+    for container, bar in zip(ax.containers, hue_order):
+        if bar.endswith("(predicted)"):
+            for patch in container:
+                patch.set_hatch("//")
+                patch.set_alpha(0.6)
     ax.set_yscale("log", base=2)
     _label_bars(ax, "{:.0f}")
     _headroom(ax)
-    caps = sorted({f"{g:.2g} GiB" for g in table["limit_gib"].dropna()})
+    caps = sorted({f"{g * 1024:.0f} MiB" if g < 1 else f"{g:.3g} GiB"
+                   for g in table["limit_gib"].dropna()})
     ax.set_title(f"Largest batch that fits (cap {', '.join(caps) or 'none'})"
                  f"{_device_title(table)}", fontsize=9)
     ax.set_xlabel("model")
@@ -195,7 +263,7 @@ def max_batch(memory: pd.DataFrame, *, models: Sequence[str] | None = None,
 def overhead(frame: pd.DataFrame, *, engine: str = "both",
              models: Sequence[str] | None = None) -> plt.Figure:
     """Privacy overhead: private ÷ non-private epoch time per model and batch size."""
-    table = analysis.privacy_overhead(frame)
+    table = analysis.privacy_overhead(analysis.one_family(frame))
     table = table[table["engine_label"] == engine]
     if models is not None:
         require(table, model=models)
@@ -250,32 +318,37 @@ def slug(text: str) -> str:
 
 
 def draw_all(roots: Sequence[str | Path], out: str | Path) -> list[Path]:
-    """Every figure the results under ``roots`` support, one folder per device."""
-    frames = [analysis.load(root) for root in roots if Path(root).exists()]
-    timing = pd.concat([f[0] for f in frames], ignore_index=True) if frames else pd.DataFrame()
-    memory = pd.concat([f[1] for f in frames], ignore_index=True) if frames else pd.DataFrame()
+    """Every figure the results under ``roots`` support, one folder per device and family
+    (``<out>/<device>/<experiment>-<family hash>/``)."""
+    frames = [analysis.load(root) for root in roots]
+    timing = pd.concat([f[0] for f in frames], ignore_index=True)
+    memory = pd.concat([f[1] for f in frames], ignore_index=True)
     written: list[Path] = []
-    devices = sorted(set(timing.get("device", pd.Series(dtype=str)))
-                     | set(memory.get("device", pd.Series(dtype=str))))
-    for device in devices:
-        folder = Path(out) / slug(device)
-        t = timing[timing["device"] == device] if len(timing) else timing
-        m = memory[memory["device"] == device] if len(memory) else memory
-        jobs = []
-        for model in analysis.models_in(t):
-            jobs.append((f"runtimes_{model}", lambda model=model: runtimes(t, model)))
-        choice = best_ablation_batch(t) if len(t) else None
+    for device, family, t in analysis.groups(timing):
+        folder = Path(out) / slug(device) / family
+        jobs = [(f"runtimes_{model}", lambda model=model: runtimes(t, model))
+                for model in analysis.models_in(t)]
+        choice = best_ablation_batch(t)
         if choice:
             jobs.append(("ablation", lambda: ablation(t, batch_size=choice[0], models=choice[1])))
-        if len(t) and t["compile_s"].notna().any():
+            jobs.append(("decomposition",
+                         lambda: decomposition(t, batch_size=choice[0], models=choice[1])))
+        if t["compile_s"].notna().any():
             jobs.append(("compile_times", lambda: compile_times(t)))
-        if len(t) and not analysis.privacy_overhead(t).query("engine_label == 'both'").empty:
+        if not analysis.privacy_overhead(t).query("engine_label == 'both'").empty:
             jobs.append(("privacy_overhead", lambda: overhead(t)))
-        if len(m):
-            jobs.append(("max_batch", lambda: max_batch(m)))
-        for name, draw in jobs:
-            written += save(draw(), folder, name)
-        print(f"{device}: {len(jobs)} figures in {folder}")
+        written += _save_all(jobs, folder, device, family)
+    for device, family, m in analysis.groups(memory):
+        folder = Path(out) / slug(device) / family
+        written += _save_all([("max_batch", lambda: max_batch(m))], folder, device, family)
+    return written
+
+
+def _save_all(jobs, folder: Path, device: str, family: str) -> list[Path]:
+    written = []
+    for name, draw in jobs:
+        written += save(draw(), folder, name)
+    print(f"{device} / {family}: {len(jobs)} figures in {folder}")
     return written
 
 
@@ -285,9 +358,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="folders searched for result.json (default: outputs)")
     parser.add_argument("--out", default="outputs/figures", help="where figures go")
     args = parser.parse_args(argv)
-    written = draw_all(args.roots, args.out)
+    try:
+        written = draw_all(args.roots, args.out)
+    except analysis.NoRecords as error:
+        print(f"error: {error}: run `python -m ablation.run` first", file=sys.stderr)
+        return 1
     if not written:
-        print("no results found: run `python -m ablation.run` first", file=sys.stderr)
+        print("no figure to draw: the records hold no ok cell", file=sys.stderr)
         return 1
     return 0
 

@@ -22,14 +22,27 @@ if TYPE_CHECKING:
     import pandas as pd
 
 SCHEMA = "dpsgd-ablation/result/v1"
+#: Records written before identities existed are read as well (the identity is derived).
+SCHEMAS = (SCHEMA,)
 RESULT_FILE = "result.json"
 #: Written instead of a result when ``resume=true`` found an ok record of the same config.
 SKIPPED_FILE = "skipped.json"
 STATUSES = ("ok", "oom", "error", "timeout")
 #: Config keys that do not change what a cell measures (left out of its identity hash).
-VOLATILE_KEYS = ("resume", "hydra", "timing.progress", "timing.timeout_s", "memory.predict_only")
+VOLATILE_KEYS = ("resume", "hydra", "paths", "timing.progress", "timing.timeout_s",
+                 "memory.timeout_s", "data.cache_dir", "data.download")
+#: What a cell is within a sweep: a record's family is its config without these.
+GRID_KEYS = ("engine", "model", "batch_size", "private", "memory.predict_only")
+#: The machine and code half of a record's identity (besides each framework's own versions).
+MACHINE_KEYS = ("platform", "device_kind", "device_count", "cpu_model", "cpu_count", "git_sha",
+                "git_diff_sha")
+#: Versions that change a framework's numbers; JAX engines use ``jax``.
+FRAMEWORK_KEYS = {
+    "jax": ("jax", "jaxlib", "haiku", "optax"),
+    "opacus": ("torch", "opacus", "torch_threads"),
+}
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def now_iso() -> str:
@@ -37,17 +50,55 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=30, check=True).stdout
+
+
 @functools.lru_cache(maxsize=1)
+def code_version() -> dict[str, str | None]:
+    """The code that runs: ``git_sha`` (``<commit>-dirty`` when tracked files have changes) and
+    ``git_diff_sha``, a hash of those uncommitted changes (None on a clean tree).
+
+    On a dirty tree the diff's hash is part of every record's identity, so ``resume=true`` and
+    the figures only treat records as the same code when they ran with the very same
+    uncommitted changes; records from a clean commit are what the committed references hold.
+    """
+    try:
+        sha = _git("rev-parse", "HEAD").strip()
+        diff = _git("diff", "HEAD", "--binary")
+    except (OSError, subprocess.SubprocessError):
+        return {"git_sha": None, "git_diff_sha": None}
+    if not diff:
+        return {"git_sha": sha, "git_diff_sha": None}
+    return {"git_sha": sha + "-dirty",
+            "git_diff_sha": hashlib.sha256(diff.encode()).hexdigest()[:16]}
+
+
 def git_sha() -> str | None:
     """The checkout's commit (with ``-dirty`` when the tree has changes), or None."""
+    return code_version()["git_sha"]
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str | None:
+    """The CPU's model name (``/proc/cpuinfo``), e.g. ``AMD EPYC 7B13``; None where unknown."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=10).stdout
-        return sha + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.split(":")[0].strip() in ("model name", "Model", "Hardware"):
+                    return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def cpu_count() -> int | None:
+    """CPUs this process may run on (its affinity; what a cgroup or taskset leaves it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count()
 
 
 def _version(module: str) -> str | None:
@@ -64,8 +115,8 @@ def environment(devices: bool = True) -> dict[str, Any]:
         "jax": _version("jax"), "jaxlib": _version("jaxlib"), "haiku": _version("dm-haiku"),
         "optax": _version("optax"), "dp_accounting": _version("dp-accounting"),
         "python": platform.python_version(), "host": socket.gethostname(),
-        "cpu_count": os.cpu_count(), "machine": platform.machine(), "os": platform.platform(),
-        "git_sha": git_sha(),
+        "cpu_count": cpu_count(), "cpu_model": cpu_model(), "machine": platform.machine(),
+        "os": platform.platform(), **code_version(),
     }
     if devices:
         import jax
@@ -91,10 +142,52 @@ OTHER_KIND_KEYS = {"timing": ("memory",), "memory": ("timing",)}
 
 def config_hash(config: Mapping[str, Any], kind: str = "timing") -> str:
     """A stable identity of what a job measures: sha256 of its config without volatile keys."""
-    for key in VOLATILE_KEYS + ("paths",) + OTHER_KIND_KEYS.get(kind, ()):
+    for key in VOLATILE_KEYS + OTHER_KIND_KEYS.get(kind, ()):
         config = _drop(config, key)
     blob = json.dumps(config, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def framework_of(engine: str | None) -> str:
+    """The framework whose versions a record's numbers depend on (``jax`` for our engines)."""
+    return engine if engine in FRAMEWORK_KEYS else "jax"
+
+
+def machine_identity(env: Mapping[str, Any], engine: str | None,
+                     framework_versions: bool = True) -> dict[str, Any]:
+    """The part of ``env`` that changes a record's numbers: device, CPU, code, and (with
+    ``framework_versions``) the versions of the framework that ran the cell."""
+    keys = MACHINE_KEYS + (FRAMEWORK_KEYS[framework_of(engine)] if framework_versions else ())
+    ident = {key: env.get(key) for key in keys}
+    if ident.get("platform") == "cuda":  # PyTorch's name for what JAX calls gpu
+        ident["platform"] = "gpu"
+    return ident
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def record_identity(record: Mapping[str, Any]) -> str:
+    """What makes two records the same measurement: the config (:func:`config_hash`), the
+    machine, the code and the framework's versions. Resume and the figures match on it."""
+    kind = record.get("kind") or "timing"
+    digest = record.get("config_hash") or config_hash(record.get("config") or {}, kind)
+    return _digest({"config": digest, "kind": kind,
+                    "machine": machine_identity(record.get("env") or {}, record.get("engine"))})
+
+
+def record_family(record: Mapping[str, Any]) -> str:
+    """The sweep a record belongs to: its identity without the grid's axes (engine, model,
+    batch size, privacy) and without framework versions. Figures draw one family at a time,
+    so runs with other settings, machines or code never share a panel."""
+    kind = record.get("kind") or "timing"
+    config = dict(record.get("config") or {})
+    for key in GRID_KEYS:
+        config = _drop(config, key)
+    machine = machine_identity(record.get("env") or {}, record.get("engine"),
+                               framework_versions=False)
+    return _digest({"config": config_hash(config, kind), "kind": kind, "machine": machine})
 
 
 def _json_safe(value: Any) -> Any:
@@ -108,21 +201,25 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_json(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
-    """Write ``payload`` atomically (temp file + rename): a reader never sees half a file."""
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` atomically (temp file + rename): a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results are meant to be shared
         with os.fdopen(fd, "w") as f:
-            json.dump(_json_safe(payload), f, indent=1, allow_nan=False)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
+    """Write ``payload`` as strict JSON, atomically (see :func:`write_text`)."""
+    return write_text(path, json.dumps(_json_safe(payload), indent=1, allow_nan=False) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
@@ -140,26 +237,44 @@ def one_line(error: BaseException | str) -> str:
     return lines[0] if lines else ""
 
 
-def iter_records(root: str | os.PathLike) -> Iterable[tuple[Path, dict[str, Any]]]:
-    """Every ``result.json`` under ``root`` (sorted by path) with its parsed record."""
-    for path in sorted(Path(root).rglob(RESULT_FILE)):
+def iter_records(root: str | os.PathLike, *, skip_reference: bool = False
+                 ) -> Iterable[tuple[Path, dict[str, Any]]]:
+    """Every ``result.json`` under ``root`` (sorted by path) with its parsed record.
+
+    ``skip_reference`` leaves out folders named ``reference`` below ``root`` (the committed
+    results), unless ``root`` itself is one of them or inside one.
+    """
+    root = Path(root)
+    for path in sorted(root.rglob(RESULT_FILE)):
+        if skip_reference and "reference" in path.relative_to(root).parts[:-1]:
+            continue
         try:
             record = read_json(path)
         except (OSError, json.JSONDecodeError):
             continue  # a file being written by a live job, or foreign
-        if isinstance(record, dict) and record.get("schema") == SCHEMA:
+        if isinstance(record, dict) and record.get("schema") in SCHEMAS:
             yield path, record
 
 
-def find_ok_record(root: str | os.PathLike, digest: str, kind: str) -> Path | None:
-    """The path of an ok record of kind ``kind`` with config hash ``digest`` under ``root``."""
+def _newest_first(record: Mapping[str, Any]) -> str:
+    return str(record.get("finished_at") or record.get("started_at") or "")
+
+
+def find_ok_record(root: str | os.PathLike, digest: str, kind: str,
+                   machine: Mapping[str, Any] | None = None) -> Path | None:
+    """The newest ok record of kind ``kind``, config hash ``digest`` and (when given) this
+    ``machine`` identity (:func:`machine_identity`) under ``root``, outside committed
+    ``reference`` folders (see :func:`iter_records`); None if there is none."""
     if not Path(root).exists():
         return None
-    for path, record in iter_records(root):
-        if (record.get("config_hash") == digest and record.get("status") == "ok"
-                and record.get("kind") == kind):
-            return path
-    return None
+    found = [(path, record) for path, record in iter_records(root, skip_reference=True)
+             if record.get("config_hash") == digest and record.get("status") == "ok"
+             and record.get("kind") == kind
+             and (machine is None or machine_identity(record.get("env") or {},
+                                                       record.get("engine")) == dict(machine))]
+    if not found:
+        return None
+    return max(found, key=lambda item: _newest_first(item[1]))[0]
 
 
 _FLOAT_FIELDS = ("compile_s", "first_step_s", "median_step_s", "median_epoch_s", "epsilon",
@@ -170,11 +285,15 @@ def load(root: str | os.PathLike = "outputs") -> "pd.DataFrame":
     """All records under ``root`` as one DataFrame, one row per job.
 
     Nested ``env`` fields are flattened to ``env.<name>`` columns as well as kept whole;
-    ``path`` holds each record's file. An empty frame (with the core columns) when none exist.
+    ``path`` holds each record's file; ``identity`` and ``family`` are
+    :func:`record_identity` and :func:`record_family`. An empty frame (with the core columns)
+    when none exist.
     """
     rows = []
     for path, record in iter_records(root):
         row = dict(record)
+        row["identity"] = record_identity(record)
+        row["family"] = record_family(record)
         for key, value in (record.get("env") or {}).items():
             row[f"env.{key}"] = value
         row["path"] = str(path)
@@ -184,7 +303,8 @@ def load(root: str | os.PathLike = "outputs") -> "pd.DataFrame":
         rows.append(row)
     import pandas as pd
 
-    columns = ["schema", "kind", "status", "engine", "loop", "model", "batch_size", "private"]
+    columns = ["schema", "kind", "status", "engine", "loop", "model", "batch_size", "private",
+               "identity", "family", "path"]
     frame = pd.DataFrame(rows)
     for col in columns:
         if col not in frame:

@@ -1,18 +1,43 @@
-"""The table printed at the end of a sweep: times, ε, and how many times faster ``both`` is."""
+"""The summary table of a sweep: times, their spread, ε, and how many times faster ``both`` is.
+
+Printed at the end of every run or sweep and written beside it (``summary.csv``,
+``summary_timing.txt``); ``python -m ablation.summary DIR [DIR ...]`` prints it for any
+folders of records (``--format text|markdown|csv``), and for two folders adds the ratio of
+each cell's time in the second to the first (what changed between two commits or machines).
+
+Every number says how far it can be trusted: the latency's IQR and the count of timed steps
+(a cell with fewer than :data:`MIN_STEPS_FOR_SPREAD` is flagged), estimated epochs are marked
+``~``, ratios carry the significant figures the spread supports, a cell that ``resume=true``
+reused from an earlier run is marked, and ε is printed with its δ and the training length it
+was accounted for.
+"""
 
 from __future__ import annotations
 
+import argparse
 import math
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pandas as pd
 
 from ablation.report.records import SKIPPED_FILE, iter_records, read_json
 
-#: Engine order in tables and figures: the paper's four, then reference frameworks.
-ENGINE_ORDER = ("both", "jit", "vmap", "none", "opacus")
-CELL_KEYS = ("model", "data", "batch_size", "private")
+#: Engine order in tables and figures: the paper's four, then ours, then reference frameworks.
+ENGINE_ORDER = ("both", "jit", "vmap", "none", "ghost", "opacus", "jax_privacy", "tfp",
+                "backpack", "pyvacy")
+#: The default mode of each engine that has modes (not shown in labels).
+DEFAULT_MODES = {"opacus": "hooks", "ghost": "bookkeeping", "tfp": "vectorized",
+                 "jax_privacy": "vmap"}
+CELL_KEYS = ("model_label", "data", "batch_size", "private")
+#: Fewer timed latency steps than this and an IQR says little: the cell is flagged.
+MIN_STEPS_FOR_SPREAD = 5
+FORMATS = ("text", "markdown", "csv")
+
+
+def _isnan(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def engine_label(row: Any) -> str:
@@ -20,96 +45,240 @@ def engine_label(row: Any) -> str:
     engine = row["engine"]
     loop = row.get("loop")
     mode = row.get("engine_mode")
-    if engine == "jit" and loop not in (None, "dispatch") and not _isnan(loop):
+    if engine == "jit" and not _isnan(loop) and loop != "dispatch":
         return f"jit[{loop}]"
-    if engine == "opacus" and mode not in (None, "hooks") and not _isnan(mode):
-        return f"opacus[{mode}]"
+    if engine in DEFAULT_MODES and not _isnan(mode) and mode != DEFAULT_MODES[engine]:
+        return f"{engine}[{mode}]"
     return engine
 
 
-def _isnan(value: Any) -> bool:
-    return isinstance(value, float) and math.isnan(value)
+def model_label(row: Any) -> str:
+    """``lstm[static]`` for the paper's unrolled lstm, else the model's name."""
+    unroll = row.get("unroll")
+    if row["model"] == "lstm" and unroll == "static":
+        return "lstm[static]"
+    return row["model"]
 
 
 def sweep_records(root: str | Path) -> pd.DataFrame:
-    """Records of one sweep folder, including those a ``resume=true`` run skipped."""
-    rows = [record for _, record in iter_records(root)]
+    """Records of one sweep folder, including those a ``resume=true`` run reused from earlier
+    runs (``reused`` is True on those, and ``path`` points at the reused record)."""
+    rows = [{**record, "path": str(path), "reused": False} for path, record in iter_records(root)]
     for pointer in sorted(Path(root).rglob(SKIPPED_FILE)):
         try:
-            rows.append(read_json(read_json(pointer)["record"]))
+            target = read_json(pointer)["record"]
+            rows.append({**read_json(target), "path": target, "reused": True})
         except (OSError, KeyError, ValueError):
             continue
     return pd.DataFrame(rows)
 
 
-def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell: engine, model, batch, private, compile s, step ms, epoch s, ε, both ×.
+def _relative_spread(row: pd.Series) -> float | None:
+    """How uncertain a cell's time is: the larger of the latency IQR ÷ median and the range
+    of its throughput bursts ÷ their median. None when too few steps were timed."""
+    steps = row.get("steps_timed")
+    if _isnan(steps) or steps < MIN_STEPS_FOR_SPREAD:
+        return None
+    spreads = []
+    if not _isnan(row.get("iqr_step_s")) and row.get("median_step_s"):
+        spreads.append(row["iqr_step_s"] / row["median_step_s"])
+    bursts = row.get("throughput_bursts_s")
+    if isinstance(bursts, list) and len(bursts) > 1:
+        mid = sorted(bursts)[len(bursts) // 2]
+        spreads.append((max(bursts) - min(bursts)) / mid if mid else math.inf)
+    return max(spreads) if spreads else None
 
-    ``both ×`` is this engine's epoch time over ``both``'s for the same model, data, batch size
-    and privacy: how many times faster ``both`` is (1.0 on ``both``'s own row; blank when
-    ``both`` was not run or a cell failed).
+
+def ratio_digits(*relative_spreads: float | None) -> int:
+    """Significant figures a ratio supports, given each operand's relative spread.
+
+    The spreads add in quadrature: 10–100 % supports 1 figure, 1–10 % 2, less 3 (never more).
+    An unknown spread (too few steps) gives 2 figures, flagged elsewhere.
+    """
+    if any(_isnan(s) for s in relative_spreads):
+        return 2
+    spread = math.sqrt(sum(s * s for s in relative_spreads))
+    if not math.isfinite(spread):
+        return 1
+    if spread <= 0:
+        return 3
+    return int(min(3, max(1, math.floor(-math.log10(spread)) + 1)))
+
+
+def significant(value: float, digits: int) -> str:
+    """``value`` with ``digits`` significant figures, without scientific notation."""
+    if _isnan(value):
+        return "-"
+    if math.isinf(value):
+        return "inf"
+    if value == 0:
+        return "0"
+    decimals = digits - 1 - math.floor(math.log10(abs(value)))
+    return f"{round(value, decimals):,.{max(0, decimals)}f}"
+
+
+def _prepare(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame[frame.get("kind", pd.Series("timing", index=frame.index)) == "timing"].copy()
+    if frame.empty:
+        return frame
+    for column in ("loop", "engine_mode", "unroll", "steps_timed", "iqr_step_s",
+                   "median_step_s", "throughput_step_s", "throughput_bursts_s", "epoch_estimated",
+                   "compile_s", "median_epoch_s", "epsilon", "delta", "accounted_steps",
+                   "reused", "path", "data"):
+        if column not in frame:
+            frame[column] = None
+    frame["engine_label"] = frame.apply(engine_label, axis=1)
+    frame["model_label"] = frame.apply(model_label, axis=1)
+    frame["spread"] = frame.apply(_relative_spread, axis=1)
+    return frame
+
+
+def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per timing cell, as numbers (what ``summary.csv`` holds).
+
+    Columns: engine, model, batch, private, status, compile s, step ms (median latency),
+    iqr % (its spread), steps (latency steps timed), thru ms (throughput per step), epoch s,
+    estimated (epoch derived from steps), eps, delta, eps steps (the training length ε is
+    for), both x (this cell's epoch time ÷ ``both``'s on the same model, data, batch and
+    privacy: how many times faster ``both`` is), both x digits (the significant figures it
+    supports), reused (from an earlier run by ``resume=true``).
     """
     if frame.empty:
         return pd.DataFrame()
-    frame = frame[frame.get("kind", "timing") == "timing"].copy()
+    frame = _prepare(frame)
     if frame.empty:
         return pd.DataFrame()
-    frame["engine_label"] = frame.apply(engine_label, axis=1)
-    both = (frame[(frame["engine_label"] == "both") & (frame["status"] == "ok")]
-            .groupby(list(CELL_KEYS))["median_epoch_s"].median())
+    ok = frame["status"] == "ok"
+    both = frame[ok & (frame["engine_label"] == "both")].drop_duplicates(list(CELL_KEYS),
+                                                                         keep="last")
+    both = both.set_index(list(CELL_KEYS))
 
-    def speedup(row: pd.Series) -> float | None:
-        if row["status"] != "ok":
-            return None
+    def versus_both(row: pd.Series) -> tuple[float | None, int | None]:
         key = tuple(row[k] for k in CELL_KEYS)
-        ref = both.get(key)
-        return None if ref is None or not ref else float(row["median_epoch_s"]) / float(ref)
+        if row["status"] != "ok" or key not in both.index:
+            return None, None
+        ref = both.loc[key]
+        if not ref["median_epoch_s"]:
+            return None, None
+        return (float(row["median_epoch_s"]) / float(ref["median_epoch_s"]),
+                ratio_digits(row["spread"], ref["spread"]))
 
-    frame["both_x"] = frame.apply(speedup, axis=1)
+    pairs = frame.apply(versus_both, axis=1, result_type="expand")
+    frame["both_x"], frame["both_x_digits"] = pairs[0], pairs[1]
     order = {name: i for i, name in enumerate(ENGINE_ORDER)}
     frame["_order"] = frame["engine"].map(lambda e: order.get(e, len(order)))
-    frame = frame.sort_values(["model", "private", "batch_size", "_order", "engine_label"],
+    frame = frame.sort_values(["model_label", "private", "batch_size", "_order", "engine_label"],
                               ascending=[True, False, True, True, True])
-    table = pd.DataFrame({
+    median = pd.to_numeric(frame["median_step_s"], errors="coerce")
+    return pd.DataFrame({
         "engine": frame["engine_label"],
-        "model": frame["model"],
+        "model": frame["model_label"],
         "batch": frame["batch_size"],
         "private": frame["private"],
         "status": frame["status"],
-        "compile s": frame.get("compile_s"),
-        "step ms": frame.get("median_step_s") * 1e3 if "median_step_s" in frame else None,
-        "epoch s": frame.get("median_epoch_s"),
-        "eps": frame.get("epsilon"),
+        "compile s": pd.to_numeric(frame["compile_s"], errors="coerce"),
+        "step ms": median * 1e3,
+        "iqr %": 100 * pd.to_numeric(frame["iqr_step_s"], errors="coerce") / median,
+        "steps": frame["steps_timed"],
+        "thru ms": pd.to_numeric(frame["throughput_step_s"], errors="coerce") * 1e3,
+        "epoch s": pd.to_numeric(frame["median_epoch_s"], errors="coerce"),
+        "estimated": frame["epoch_estimated"],
+        "eps": pd.to_numeric(frame["epsilon"], errors="coerce"),
+        "delta": frame["delta"],
+        "eps steps": frame["accounted_steps"],
         "both x": frame["both_x"],
-    })
-    return table.reset_index(drop=True)
+        "both x digits": frame["both_x_digits"],
+        "reused": frame["reused"].fillna(False).astype(bool),
+        "path": frame["path"],
+    }).reset_index(drop=True)
 
 
-def format_summary(frame: pd.DataFrame) -> str:
-    """The summary table as aligned text (failed cells show their status)."""
-    table = summary_table(frame)
-    if table.empty:
-        return "(no timing records)"
-
+def _text_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """The table as display strings, with the marks the notes explain."""
     def fmt(value: Any, spec: str) -> str:
-        if value is None or _isnan(value):
+        if _isnan(value):
             return "-"
-        if isinstance(value, str):
-            return value
         if isinstance(value, float) and math.isinf(value):
             return "inf"
         return format(value, spec)
 
-    formats = {"compile s": ".2f", "step ms": ".3f", "epoch s": ".2f", "eps": ".2f",
-               "both x": ".1f"}
-    text = table.copy().astype(object)
-    for col, spec in formats.items():
-        text[col] = [fmt(v, spec) for v in table[col]]
-    text["private"] = ["yes" if p else "no" for p in table["private"]]
-    return text.to_string(index=False)
+    out = pd.DataFrame({
+        "engine": table["engine"] + ["*" if r else "" for r in table["reused"]],
+        "model": table["model"],
+        "batch": table["batch"],
+        "private": ["yes" if p else "no" for p in table["private"]],
+        "status": table["status"],
+        "compile s": [fmt(v, ".2f") for v in table["compile s"]],
+        "step ms": [fmt(v, ".3g") for v in table["step ms"]],
+        "iqr %": [fmt(v, ".0f") for v in table["iqr %"]],
+        "steps": [("-" if _isnan(n) else f"{int(n)}" + ("!" if n < MIN_STEPS_FOR_SPREAD else ""))
+                  for n in table["steps"]],
+        "thru ms": [fmt(v, ".3g") for v in table["thru ms"]],
+        "epoch s": [("~" if est and not _isnan(v) else "") + fmt(v, ".3g")
+                    for v, est in zip(table["epoch s"], table["estimated"])],
+        "eps": [fmt(v, ".2f") for v in table["eps"]],
+        "both x": [("-" if _isnan(x) else significant(x, int(d)))
+                   for x, d in zip(table["both x"], table["both x digits"])],
+    })
+    return out
 
 
-def format_memory_summary(frame) -> str:
+def notes(table: pd.DataFrame) -> list[str]:
+    """The lines under the table that explain its marks."""
+    lines = []
+    if table["estimated"].fillna(False).astype(bool).any():
+        lines.append("~ epoch estimated as steps per epoch x throughput per step (thru ms)")
+    steps = pd.to_numeric(table["steps"], errors="coerce")
+    if (steps < MIN_STEPS_FOR_SPREAD).any():
+        lines.append(f"! fewer than {MIN_STEPS_FOR_SPREAD} latency steps timed: the spread is "
+                     "unknown and ratios are shown to 2 figures")
+    if table["reused"].any():
+        lines.append("* reused by resume=true from an earlier run on this machine and code:")
+        lines += [f"    {e} {m} B={b}: {p}" for e, m, b, p, r in zip(
+            table["engine"], table["model"], table["batch"], table["path"], table["reused"]) if r]
+    eps = table[table["eps"].notna()]
+    if len(eps):
+        deltas = sorted({f"{d:g}" for d in eps["delta"] if not _isnan(d)})
+        lengths = sorted({int(s) for s in eps["eps steps"] if not _isnan(s)})
+        lines.append(f"eps at delta={', '.join(deltas)}: for the configured training "
+                     f"({', '.join(f'{s:,}' for s in lengths)} steps), not for the steps timed")
+    lines.append("step ms: median latency of one step; thru ms: per step, dispatched back to "
+                 "back; both x: epoch time / both's")
+    return lines
+
+
+def format_summary(frame: pd.DataFrame, fmt: str = "text") -> str:
+    """The summary table of ``frame`` (records) as aligned text, markdown or CSV."""
+    table = summary_table(frame)
+    if table.empty:
+        return "(no timing records)"
+    if fmt == "csv":
+        return table.to_csv(index=False).rstrip("\n")
+    text = _text_columns(table)
+    if fmt == "markdown":
+        head = "| " + " | ".join(text.columns) + " |"
+        rule = "|" + "|".join("---" if c in ("engine", "model", "status", "private") else "---:"
+                              for c in text.columns) + "|"
+        body = ["| " + " | ".join(str(v) for v in row) + " |"
+                for row in text.itertuples(index=False)]
+        return "\n".join([head, rule, *body, "", *(f"{line}  " for line in notes(table))])
+    return text.to_string(index=False) + "\n\n" + "\n".join(notes(table))
+
+
+def compare(frames: Sequence[pd.DataFrame], names: Sequence[str]) -> pd.DataFrame:
+    """Two sweeps side by side: each cell's epoch time in both and the second ÷ the first."""
+    a, b = (summary_table(f) for f in frames)
+    keys = ["engine", "model", "batch", "private"]
+    merged = a[a["status"] == "ok"].merge(b[b["status"] == "ok"], on=keys, how="outer",
+                                          suffixes=(" a", " b"))
+    out = merged[keys].copy()
+    out[f"epoch s {names[0]}"] = merged["epoch s a"]
+    out[f"epoch s {names[1]}"] = merged["epoch s b"]
+    out["b / a"] = merged["epoch s b"] / merged["epoch s a"]
+    return out
+
+
+def format_memory_summary(frame: pd.DataFrame) -> str:
     """The table printed after a probe: max batch per engine and model, with the cap."""
     if frame.empty:
         return "(no memory records)"
@@ -119,13 +288,14 @@ def format_memory_summary(frame) -> str:
         at_max = next((t for t in tried if t["batch_size"] == r.get("max_batch_size")), {})
         limit = r.get("limit_bytes")
         rows.append({
-            "engine": r["engine"], "model": r["model"],
+            "engine": engine_label(r), "model": model_label(r),
             "private": "yes" if r["private"] else "no",
-            "cap GiB": "-" if limit is None or limit != limit else f"{limit / (1 << 30):.2f}",
+            "cap": "-" if _isnan(limit) else _bytes(limit),
+            "how": "predicted" if r.get("predict_only") else "measured",
             "status": r["status"],
             "max batch": r.get("max_batch_size"),
-            "peak MiB": _mib(at_max.get("peak_bytes")),
-            "predicted MiB": _mib(at_max.get("predicted_bytes")),
+            "peak": _bytes(at_max.get("peak_bytes")),
+            "predicted": _bytes(at_max.get("predicted_bytes")),
             "predicted max": r.get("predicted_max_batch_size"),
             "tries": len(tried),
         })
@@ -133,5 +303,56 @@ def format_memory_summary(frame) -> str:
     return table.to_string(index=False)
 
 
-def _mib(value) -> str:
-    return "-" if value is None else f"{value / (1 << 20):.0f}"
+def _bytes(value: Any) -> str:
+    if _isnan(value):
+        return "-"
+    if value >= 1 << 30:
+        return f"{value / (1 << 30):.2f} GiB"
+    return f"{value / (1 << 20):.0f} MiB"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ablation.summary",
+        description="Print the summary table of one or more folders of records; with two "
+                    "folders, also each cell's time in the second divided by the first.")
+    parser.add_argument("folders", nargs="+", help="sweep or run folders (searched recursively)")
+    parser.add_argument("--format", choices=FORMATS, default="text")
+    args = parser.parse_args(argv)
+    frames = []
+    for folder in args.folders:
+        if not Path(folder).exists():
+            print(f"error: no such folder: {folder}", file=sys.stderr)
+            return 2
+        frame = sweep_records(folder)
+        if frame.empty:
+            print(f"error: no result records under {folder}", file=sys.stderr)
+            return 1
+        frames.append(frame)
+        if len(args.folders) > 1 and args.format == "text":
+            print(f"=== {folder}")
+        print(format_summary(frame, args.format))
+        if len(args.folders) > 1:
+            print()
+    if len(frames) == 2:
+        table = compare(frames, ["a", "b"])
+        print(f"=== b / a  (a = {args.folders[0]}, b = {args.folders[1]})")
+        if args.format == "csv":
+            print(table.to_csv(index=False).rstrip("\n"))
+        elif args.format == "markdown":
+            print(table.to_markdown(index=False) if _has_tabulate() else table.to_string(index=False))
+        else:
+            print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    return 0
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -21,14 +21,15 @@ def _report(folder: Path) -> None:
 
 
 def _report_kind(folder: Path, frame, kind: str) -> None:
+    from ablation.report.records import write_text
     from ablation.report.summary import format_summary, summary_table
     if kind == "timing":
         text = format_summary(frame)
-        summary_table(frame).to_csv(folder / "summary.csv", index=False)
+        write_text(folder / "summary.csv", summary_table(frame).to_csv(index=False))
     else:
         from ablation.report.summary import format_memory_summary
         text = format_memory_summary(frame)
-    (folder / f"summary_{kind}.txt").write_text(text + "\n")
+    write_text(folder / f"summary_{kind}.txt", text + "\n")
     print(f"\n=== summary ({folder}) ===\n{text}\n", flush=True)
 
 

@@ -93,7 +93,7 @@ def cell_from_dict(cfg: Mapping[str, Any]) -> CellConfig:
         max_steps=_int(timing.get("max_steps", 100), "timing.max_steps", minimum=1),
         budget_s=_float(timing.get("budget_s", 10.0), "timing.budget_s", positive=True),
         warmup_steps=_int(timing.get("warmup_steps", 2), "timing.warmup_steps", minimum=0),
-        min_steps=_int(timing.get("min_steps", 3), "timing.min_steps", minimum=1),
+        min_steps=_int(timing.get("min_steps", 5), "timing.min_steps", minimum=1),
         timeout_s=_float(timing.get("timeout_s", 1800.0), "timing.timeout_s", positive=True),
         progress=_bool(timing.get("progress", True), "timing.progress"),
     )
@@ -112,20 +112,29 @@ def cell_from_dict(cfg: Mapping[str, Any]) -> CellConfig:
     )
     if math.isinf(dp_cfg.clip_norm) and dp_cfg.noise_multiplier > 0 and target is None:
         raise ConfigError("dp.noise_multiplier must be 0 when dp.clip_norm is inf")
+    private = _bool(_get(cfg, "private", True), "private")
+    if private and dp_cfg.sampling == "poisson":
+        if dp_cfg.accountant == "rdp":
+            raise ConfigError("dp.accountant=rdp cannot account Poisson batches truncated at the "
+                              "padded capacity (its epsilon would not hold); use "
+                              "dp.accountant=pld")
+        if engine_name in REFERENCE_ENGINES:
+            raise ConfigError(f"engine={engine_name} trains on shuffled fixed-size batches; "
+                              "dp.sampling=poisson runs the JAX engines only")
     limit = data.get("limit")
     return CellConfig(
         engine=engine_name,
         loop=_choice(engine.get("loop", "dispatch") or "dispatch", "engine.loop", LOOPS),
         engine_mode=mode,
         model=_choice(model.get("name", "ffnn"), "model", MODEL_NAMES),
-        unroll=_choice(model.get("unroll", "static") or "static", "model.unroll",
+        unroll=_choice(model.get("unroll", "dynamic") or "dynamic", "model.unroll",
                        ("static", "dynamic")),
         data=_choice(data.get("source", "synthetic"), "data", SOURCES),
         data_limit=None if limit is None else _int(limit, "data.limit", minimum=1),
         data_cache_dir=data.get("cache_dir"),
         download=_bool(data.get("download", True), "data.download"),
         batch_size=_int(_get(cfg, "batch_size", 64), "batch_size", minimum=1),
-        private=_bool(_get(cfg, "private", True), "private"),
+        private=private,
         epochs=epochs,
         seed=_int(_get(cfg, "seed", 42), "seed", minimum=0),
         lr=_float(optim.get("lr", 0.15), "optim.lr"),

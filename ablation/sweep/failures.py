@@ -3,8 +3,9 @@
 Out of memory is: Python's ``MemoryError`` (numpy and host allocations), an XLA runtime
 error whose status code is ``RESOURCE_EXHAUSTED`` (the code XLA's allocators return when a
 buffer does not fit; JAX exposes the status only as the code that leads the exception's
-message, so that structured prefix is what is compared), PyTorch's ``OutOfMemoryError``, or a
-worker process that died by a signal while running under a memory cap.
+message, so that structured prefix is what is compared), or PyTorch's ``OutOfMemoryError``.
+A worker that died by a signal while limited is only a ``crash``: the memory probe runs it
+again without the limit, and calls it out of memory only if it then runs.
 """
 
 from __future__ import annotations
@@ -57,16 +58,21 @@ def status_of(error: BaseException) -> str:
     return "oom" if is_out_of_memory(error) else "error"
 
 
+#: Status of a worker that died by a signal while memory-limited: to be verified, not trusted.
+CRASH = "crash"
+
+
 def status_of_exit(returncode: int, *, memory_capped: bool) -> tuple[str, str]:
     """Status and a one-line reason for a worker that ended without writing its result.
 
-    A worker killed by a signal under a memory cap ran out of memory (the kernel's OOM killer
-    sends SIGKILL; an allocator that aborts sends SIGABRT); anything else is an error.
+    A worker killed by a signal under a memory limit is a ``crash`` (the kernel's OOM killer
+    sends SIGKILL, an allocator that aborts SIGABRT, but so does a failed XLA check): the
+    caller decides, with evidence, whether it was out of memory. Anything else is an error.
     """
     if returncode < 0:
         sig = signal.Signals(-returncode)
         if memory_capped and sig in (signal.SIGKILL, signal.SIGABRT, signal.SIGSEGV,
                                      signal.SIGBUS):
-            return "oom", f"worker killed by {sig.name} under the memory cap"
+            return CRASH, f"worker killed by {sig.name} under the memory limit"
         return "error", f"worker killed by {sig.name}"
     return "error", f"worker exited with code {returncode} without writing a result"

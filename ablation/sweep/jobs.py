@@ -22,20 +22,24 @@ from ablation.report.records import (
     config_hash,
     environment,
     find_ok_record,
+    machine_identity,
     now_iso,
     one_line,
     read_json,
+    record_identity,
     write_json,
 )
+from ablation.sweep.failures import CRASH
 from ablation.sweep.launch import run_worker
 from models import get_model
 
 #: Measurement fields every timing record has (null until measured).
 MEASUREMENT_FIELDS = (
     "n_params", "n_train", "steps_per_epoch", "compile_s", "first_step_s", "step_times_s",
-    "median_step_s", "iqr_step_s", "epoch_times_s", "first_epoch_s", "median_epoch_s",
-    "epoch_estimated", "steps_timed", "steps_run", "n_compiles", "compiled_functions",
-    "loss_start", "loss_end", "test_accuracy", "device_peak_bytes")
+    "median_step_s", "iqr_step_s", "throughput_step_s", "throughput_steps",
+    "throughput_bursts_s", "epoch_times_s", "first_epoch_s", "median_epoch_s",
+    "epoch_estimated", "steps_timed", "steps_run", "inputs_reused", "n_compiles",
+    "compiled_functions", "loss_start", "loss_end", "test_accuracy", "device_peak_bytes")
 
 
 def training_size(cell: CellConfig) -> int:
@@ -73,8 +77,13 @@ def _privacy_fields(report: PrivacyReport | None, cell: CellConfig) -> dict[str,
             "accounting_note": report.note}
 
 
-def base_record(cell: CellConfig, config: Mapping[str, Any], kind: str) -> dict[str, Any]:
-    """The identity part of a record: what ran, with which config, when."""
+def base_record(cell: CellConfig, config: Mapping[str, Any], kind: str,
+                experiment: str | None = None) -> dict[str, Any]:
+    """The identity part of a record: what ran, with which config, when.
+
+    ``n_params`` is left to the measurement (a failed cell measured nothing); the paper's
+    count is ``paper_n_params``.
+    """
     model = get_model(cell.model)
     n = training_size(cell)
     return {
@@ -85,50 +94,71 @@ def base_record(cell: CellConfig, config: Mapping[str, Any], kind: str) -> dict[
         "dataset": model.dataset.name, "data": cell.data, "batch_size": cell.batch_size,
         "private": cell.private, "clip_norm": cell.dp.clip_norm, "lr": cell.lr,
         "seed": cell.seed, "epochs": cell.epochs, "timing_mode": cell.timing.mode,
-        "n_params": model.paper_n_params, "n_train": n, "steps_per_epoch": n // cell.batch_size,
+        "n_params": None, "paper_n_params": model.paper_n_params, "n_train": n,
+        "steps_per_epoch": n // cell.batch_size, "experiment": experiment,
         "config": dict(config), "config_hash": config_hash(config, kind), "started_at": now_iso(),
     }
 
 
-def skip_if_done(digest: str, kind: str, job_dir: Path, resume_root: Path) -> dict | None:
-    """With ``resume=true``: the earlier ok record of this config, after leaving a pointer."""
-    found = find_ok_record(resume_root, digest, kind)
+@functools.lru_cache(maxsize=8)
+def current_machine(engine: str, probe_dir: str) -> dict[str, Any]:
+    """This machine's identity for ``engine``'s framework, as its records would carry it.
+
+    A worker reports the environment (the parent never touches the accelerator), once per
+    framework and sweep.
+    """
+    outcome = run_worker({"task": "environment", "engine": engine}, Path(probe_dir),
+                         name="environment", timeout_s=300,
+                         env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
+    if outcome.result.get("status") != "ok":
+        raise RuntimeError(f"could not query the machine: {outcome.result.get('error')}")
+    return machine_identity(outcome.result["env"], engine)
+
+
+def skip_if_done(record: Mapping[str, Any], job_dir: Path, resume_root: Path) -> dict | None:
+    """With ``resume=true``: the newest earlier ok record of this cell on this machine and
+    code (outside committed ``reference`` folders), after leaving a pointer to it."""
+    machine = current_machine(record["engine"], str(job_dir.parent))
+    found = find_ok_record(resume_root, record["config_hash"], record["kind"], machine)
     if found is None:
         return None
-    write_json(job_dir / SKIPPED_FILE, {"schema": SCHEMA, "config_hash": digest,
+    write_json(job_dir / SKIPPED_FILE, {"schema": SCHEMA, "config_hash": record["config_hash"],
                                         "record": str(found.resolve())})
-    print(f"[resume] skipped: an ok record of this config exists at {found}", flush=True)
+    print(f"[resume] skipped: this cell already ran on this machine and code: {found}",
+          flush=True)
     return read_json(found)
 
 
 def open_job(cell: CellConfig, config: Mapping[str, Any], kind: str, job_dir: str | Path,
-             resume: bool, resume_root: str | Path) -> tuple[Path, dict[str, Any], dict | None]:
+             resume: bool, resume_root: str | Path, experiment: str | None = None
+             ) -> tuple[Path, dict[str, Any], dict | None]:
     """The job's folder (created), its base record, and with ``resume`` the earlier ok record
-    of the same config if there is one (then the job is done)."""
+    of the same cell, machine and code if there is one (then the job is done)."""
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
-    record = base_record(cell, config, kind)
-    done = (skip_if_done(record["config_hash"], kind, job_dir, Path(resume_root)) if resume
-            else None)
+    record = base_record(cell, config, kind, experiment)
+    done = skip_if_done(record, job_dir, Path(resume_root)) if resume else None
     return job_dir, record, done
 
 
 def run_timing_job(cell: CellConfig, config: Mapping[str, Any], job_dir: str | Path, *,
-                   resume: bool = False, resume_root: str | Path = "outputs") -> dict[str, Any]:
+                   resume: bool = False, resume_root: str | Path = "outputs",
+                   experiment: str | None = None) -> dict[str, Any]:
     """Time one cell in a fresh worker process and write ``result.json`` into ``job_dir``.
 
-    A cell that fails (exception, out of memory, timeout) still gets its record, with the
-    status and a one-line error. Returns the record.
+    A cell that fails (exception, out of memory, timeout, an accounting failure) still gets
+    its record, with the status and a one-line error. Returns the record.
     """
-    job_dir, record, done = open_job(cell, config, "timing", job_dir, resume, resume_root)
+    job_dir, record, done = open_job(cell, config, "timing", job_dir, resume, resume_root,
+                                     experiment)
     if done is not None:
         return done
     record.update({key: None for key in MEASUREMENT_FIELDS if key not in record})
     try:
         report = privacy_of(cell)
-    except ValueError as error:
+    except Exception as error:  # noqa: BLE001 - no epsilon that does not hold: an error record
         report = None
-        record.update(status="error", error=one_line(error))
+        record.update(status="error", error=f"privacy accounting failed: {one_line(error)}")
     record.update(_privacy_fields(report, cell))
     if record["status"] is None and cell.data == "real":
         error = fetch_real_data(cell)
@@ -142,10 +172,16 @@ def run_timing_job(cell: CellConfig, config: Mapping[str, Any], job_dir: str | P
         record["wall_s"] = outcome.wall_s
     if not record.get("env"):
         record["env"] = environment(devices=False)
-    record["finished_at"] = now_iso()
-    write_json(job_dir / RESULT_FILE, record)
+    finish(record, job_dir)
     print(describe(record), flush=True)
     return record
+
+
+def finish(record: dict[str, Any], job_dir: Path) -> None:
+    """Stamp the record (finish time, identity) and write ``result.json``."""
+    record["finished_at"] = now_iso()
+    record["identity"] = record_identity(record)
+    write_json(job_dir / RESULT_FILE, record)
 
 
 def fetch_real_data(cell: CellConfig) -> str | None:
@@ -170,6 +206,8 @@ def describe(record: Mapping[str, Any]) -> str:
     if record.get("compile_s") is not None:
         parts.append(f"compile {record['compile_s']:.2f} s")
     parts.append(f"step {1e3 * record['median_step_s']:.2f} ms")
+    if record.get("throughput_step_s") is not None:
+        parts.append(f"throughput {1e3 * record['throughput_step_s']:.2f} ms/step")
     est = " (est.)" if record.get("epoch_estimated") else ""
     parts.append(f"epoch {record['median_epoch_s']:.2f} s{est}")
     eps = record.get("epsilon")
@@ -200,55 +238,95 @@ def device_info(job_dir: Path) -> dict[str, Any]:
 
 def _describe_try(cell: CellConfig, t: Any) -> str:
     parts = [t.status]
+    if t.rows is not None and t.rows != t.batch_size:
+        parts.append(f"{t.rows} slots")
     if t.peak_bytes is not None:
-        parts.append(f"peak {t.peak_bytes / (1 << 20):.0f} MiB")
+        parts.append(f"peak {format_bytes(t.peak_bytes)}")
     if t.predicted_bytes is not None:
-        parts.append(f"predicted {t.predicted_bytes / (1 << 20):.0f} MiB")
+        parts.append(f"predicted {format_bytes(t.predicted_bytes)}")
     if t.error and t.status != "ok":
         parts.append(t.error)
     return f"[memory] {cell.engine} {cell.model} B={t.batch_size}: " + ", ".join(parts)
 
 
+def cap_plan(info: Mapping[str, Any], limit: int | None, predict_only: bool
+             ) -> tuple[dict[str, str], str | None]:
+    """How a cap is applied on this device: the worker's environment and what it limits.
+
+    Raises:
+      ValueError: a cap that cannot be enforced or exceeds the device, before any try runs.
+    """
+    total = info.get("total_bytes")
+    if limit is not None and total is not None and limit > total:
+        raise ValueError(f"memory.limit_gb={limit / (1 << 30):g} exceeds this {info['platform']} "
+                         f"device's {total / (1 << 30):.1f} GiB")
+    if limit is None:
+        return ({} if info["platform"] == "cpu" else {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
+                None)
+    if predict_only:
+        return {}, "predicted peak of the compiled step (memory_analysis) against the cap"
+    if info["platform"] == "cpu":
+        from ablation.measure.probe import safety_limit
+        return dict(PROBE_CPU_ENV), (
+            "measured: the step's peak resident memory above the process before it (VmHWM - "
+            f"VmRSS) must be at most the cap; RLIMIT_DATA stops a try at "
+            f"{format_bytes(safety_limit(limit))} of growth")
+    if not total:
+        raise ValueError(f"memory.limit_gb cannot be enforced on this {info['platform']} device: "
+                         "it reports no memory limit (memory.limit_gb=null probes the whole "
+                         "device)")
+    # The worker gets exactly the cap: XLA preallocates it and refuses anything beyond.
+    fraction = f"{limit / total:.4f}"
+    return ({"XLA_PYTHON_CLIENT_PREALLOCATE": "true", "XLA_PYTHON_CLIENT_MEM_FRACTION": fraction},
+            f"enforced: XLA's device allocator preallocated to the cap "
+            f"(XLA_PYTHON_CLIENT_MEM_FRACTION={fraction})")
+
+
 def run_memory_job(cell: CellConfig, settings: Any, config: Mapping[str, Any],
                    job_dir: str | Path, *, resume: bool = False,
-                   resume_root: str | Path = "outputs") -> dict[str, Any]:
+                   resume_root: str | Path = "outputs",
+                   experiment: str | None = None) -> dict[str, Any]:
     """Probe the largest batch size of ``cell`` under ``settings``; writes ``result.json``.
 
     Raises:
-      ValueError: the cap exceeds the machine's (or device's) memory, before any try runs.
+      ValueError: the cap exceeds the machine's (or device's) memory, or cannot be enforced,
+        before any try runs.
     """
     from ablation.measure.probe import Try, predicted_max, search
 
-    job_dir, record, done = open_job(cell, config, "memory", job_dir, resume, resume_root)
+    job_dir, record, done = open_job(cell, config, "memory", job_dir, resume, resume_root,
+                                     experiment)
     if done is not None:
         return done
     info = device_info(job_dir)
     limit = settings.limit_bytes
-    total = info.get("total_bytes")
-    if limit is not None and total is not None and limit > total:
-        raise ValueError(f"memory.limit_gb={settings.limit_gb:g} exceeds this {info['platform']} "
-                         f"device's {total / (1 << 30):.1f} GiB")
+    env, cap_enforced = cap_plan(info, limit, settings.predict_only)
     on_cpu = info["platform"] == "cpu"
-    env: dict[str, str] = dict(PROBE_CPU_ENV) if on_cpu else {}
-    if not on_cpu and limit is not None and total:
-        # The worker gets exactly the cap: XLA preallocates it and refuses anything beyond.
-        env = {**env, "XLA_PYTHON_CLIENT_PREALLOCATE": "true",
-               "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{limit / total:.4f}"}
+    uncapped_env = {} if on_cpu else {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
     sigma = cell.dp.noise_multiplier
     last_env: dict[str, Any] = {}
 
-    def try_size(batch_size: int) -> Try:
-        capped = limit is not None and not settings.predict_only
+    def run_try(batch_size: int, capped: bool, name: str) -> tuple[dict[str, Any], float]:
         spec = {"task": "memory_try", "cell": cell.to_dict(), "noise_multiplier": sigma,
                 "batch_size": batch_size, "predict_only": settings.predict_only,
+                "n_train": training_size(cell),
                 "cap_bytes": limit if capped and on_cpu else None}
-        outcome = run_worker(spec, job_dir, name=f"try_{batch_size}", env=env,
+        outcome = run_worker(spec, job_dir, name=name, env=env if capped else uncapped_env,
                              timeout_s=settings.timeout_s, memory_capped=capped)
-        result = outcome.result
-        last_env.update(result.get("env") or {})
+        last_env.update(outcome.result.get("env") or {})
+        return outcome.result, outcome.wall_s
+
+    def try_size(batch_size: int) -> Try:
+        capped = limit is not None and not settings.predict_only
+        result, wall_s = run_try(batch_size, capped, f"try_{batch_size}")
+        verified = None
+        if capped and result.get("status") in (CRASH, "error"):
+            result, verified = _verify(result, run_try(batch_size, False,
+                                                       f"verify_{batch_size}")[0], limit)
         t = Try(batch_size=batch_size, status=result.get("status", "error"),
                 peak_bytes=result.get("peak_bytes"), predicted_bytes=result.get("predicted_bytes"),
-                error=result.get("error"), wall_s=outcome.wall_s)
+                error=result.get("error"), wall_s=wall_s, rows=result.get("rows"),
+                peak_scope=result.get("peak_scope"), verified=verified)
         if settings.predict_only and t.status == "ok" and limit is not None:
             if t.predicted_bytes is None:
                 t.status, t.error = "error", "the compiled step gives no memory prediction"
@@ -265,16 +343,49 @@ def run_memory_job(cell: CellConfig, settings: Any, config: Mapping[str, Any],
                  else predicted_max(outcome["tried"], limit))
     record.update(
         status=outcome["status"], error=outcome["reason"] if outcome["status"] != "ok" else None,
-        max_batch_size=outcome["max_batch_size"], limit_bytes=limit, tried=tried,
-        reached_max=outcome["reached_max"], reason=outcome["reason"],
-        predict_only=settings.predict_only,
-        predicted_max_batch_size=predicted,
+        max_batch_size=outcome["max_batch_size"], limit_bytes=limit, cap_enforced=cap_enforced,
+        tried=tried, reached_max=outcome["reached_max"], reason=outcome["reason"],
+        predict_only=settings.predict_only, predicted_max_batch_size=predicted,
+        sampling=cell.dp.sampling,
         search={"start": settings.start, "growth": settings.growth,
                 "resolution": settings.resolution, "max_batch_size": settings.max_batch_size},
-        device=info, env=last_env or environment(devices=False), finished_at=now_iso())
-    write_json(job_dir / RESULT_FILE, record)
+        device=info, env=last_env or environment(devices=False))
+    finish(record, job_dir)
     print(f"[{record['status']}] {cell.engine} {cell.model}: max batch size "
           f"{record['max_batch_size']} under "
-          f"{'no cap' if limit is None else f'{limit / (1 << 30):.2f} GiB'}"
+          f"{'no cap' if limit is None else format_bytes(limit)}"
           + (f" ({record['reason']})" if record["reason"] else ""), flush=True)
     return record
+
+
+def _verify(limited: dict[str, Any], unlimited: dict[str, Any], limit: int
+            ) -> tuple[dict[str, Any], str]:
+    """Decide a try that crashed or failed while limited, from the same try run unlimited.
+
+    Out of memory only with evidence: the step runs without the limit (on the CPU with a
+    measured peak above the cap). Otherwise the failure is an error, whatever killed it.
+    """
+    why = limited.get("error") or limited.get("status")
+    if unlimited.get("status") == "ok":
+        peak = unlimited.get("peak_bytes")
+        if peak is None or peak > limit or unlimited.get("peak_scope") != "step":
+            shown = "" if peak is None else f" (peak {format_bytes(peak)})"
+            return ({**unlimited, "status": "oom",
+                     "error": f"{why}; runs without the limit{shown}"}, "runs without the limit")
+        return ({**limited, "status": "error",
+                 "error": f"{why}; without the limit it runs within the cap"},
+                "runs within the cap without the limit")
+    return ({**limited, "status": "error",
+             "error": f"{why}; also fails without the limit: {unlimited.get('error')}"},
+            "fails without the limit too")
+
+
+def format_bytes(n: int | float | None) -> str:
+    """Bytes in the unit that shows them: ``512 MiB``, ``1.50 GiB``, ``96 KiB``."""
+    if n is None:
+        return "-"
+    if abs(n) >= 1 << 30:
+        return f"{n / (1 << 30):.2f} GiB"
+    if abs(n) >= 1 << 20:
+        return f"{n / (1 << 20):.0f} MiB"
+    return f"{n / 1024:.0f} KiB"

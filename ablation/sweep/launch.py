@@ -40,7 +40,7 @@ def run_process(argv: list[str], *, timeout_s: float, env: Mapping[str, str] | N
     child_env.update(env or {})
     child_env.setdefault("PYTHONUNBUFFERED", "1")
     # Started as a module from the repository's own package, whatever the caller's cwd.
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, child_env.get("PYTHONPATH")) if p)
     if out_path is not None:
         out_path.unlink(missing_ok=True)

@@ -26,3 +26,10 @@ def config_or_exit(cfg: DictConfig):
         return plain, cell_from_dict(plain)
     except ConfigError as error:
         exit_with_error(error)
+
+
+def experiment_name() -> str | None:
+    """The ``experiment=`` chosen on the command line (None without one)."""
+    from hydra.core.hydra_config import HydraConfig
+    choice = HydraConfig.get().runtime.choices.get("experiment")
+    return None if choice in (None, "null") else str(choice)

@@ -30,6 +30,7 @@ def run_task(spec: dict[str, Any]) -> dict[str, Any]:
         "timing": _timing,
         "memory_try": _memory_try,
         "device_info": _device_info,
+        "environment": _environment,
     }
     return handlers[task](spec)
 
@@ -61,7 +62,18 @@ def _memory_try(spec: dict[str, Any]) -> dict[str, Any]:
 
     return try_batch(cell_from_plain(spec["cell"]), spec["noise_multiplier"],
                      spec["batch_size"], predict_only=spec.get("predict_only", False),
-                     cap_bytes=spec.get("cap_bytes"), on_predicted=on_predicted)
+                     cap_bytes=spec.get("cap_bytes"), n_train=spec.get("n_train"),
+                     on_predicted=on_predicted)
+
+
+def _environment(spec: dict[str, Any]) -> dict[str, Any]:
+    """The ``env`` a record of ``spec["engine"]`` would carry on this machine (for resume)."""
+    from ablation.measure.settings import REFERENCE_ENGINES
+    if spec.get("engine") in REFERENCE_ENGINES:
+        from ablation.reference.opacus import environment_torch, torch_device
+        return {"env": environment_torch(torch_device())}
+    from ablation.report.records import environment
+    return {"env": environment()}
 
 
 def _expected(error: BaseException) -> bool:
@@ -86,7 +98,7 @@ def _device_info(spec: dict[str, Any]) -> dict[str, Any]:
         if "bytes_limit" in stats:
             total = int(stats["bytes_limit"] / fraction)
     return {"platform": device.platform, "device_kind": device.device_kind,
-            "total_bytes": total}
+            "device_count": len(jax.devices()), "total_bytes": total}
 
 
 def main(argv: list[str] | None = None) -> int:
