@@ -10,7 +10,7 @@ ARGS ?=
 # Folders of records that `make figures` draws (one run or sweep folder, or all of outputs/).
 RUNS ?= outputs
 
-.PHONY: venv torch run cell memory test test-all figures notebooks lab paper clean
+.PHONY: venv torch tf run cell memory test test-all figures notebooks lab paper clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -19,11 +19,25 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# The optional Opacus/PyTorch extra (reference rows); `make test` installs it too.
+# The optional reference rows and cluster launchers; `make test` installs them all.
+# PyTorch first (a CPU build on disk here), then Opacus, jax-privacy and the submitit launcher;
+# BackPACK without its dependencies (its torchvision would replace the CPU torch).
 torch: $(VENV)/.torch
 $(VENV)/.torch: $(VENV)/.installed
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev,torch]"
+	$(PY) -m pip install --quiet -e ".[dev,torch,jax_privacy,cluster]"
+	$(PY) -m pip install --quiet --no-deps "backpack-for-pytorch==1.7.1" "unfoldNd==0.2.3" "einops>=0.6"
+	touch $@
+
+# TensorFlow Privacy in an environment of its own (it pins numpy 1.x, dp-accounting 0.4.3 and
+# Python < 3.12): the engine=tfp worker runs with .venv-tf/bin/python.
+TF_VENV ?= .venv-tf
+tf: $(TF_VENV)/.installed
+$(TF_VENV)/.installed:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info < (3, 12) else "make tf: TensorFlow Privacy 0.9 needs Python < 3.12 (PYTHON=python3.11 make tf)")'
+	$(PYTHON) -m venv $(TF_VENV)
+	$(TF_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TF_VENV)/bin/python -m pip install --quiet "tensorflow==2.15.1" "tensorflow-privacy==0.9.0"
 	touch $@
 
 run: venv  ## the main job: the four-engine ablation on the default cell (ffnn, batch 64, synthetic)
@@ -35,10 +49,10 @@ cell: venv  ## time one cell (override with ARGS="model=cnn batch_size=128 ...")
 memory: venv  ## probe the largest batch that fits (default model and engine)
 	$(PY) -m ablation.memory $(ARGS)
 
-test: torch  ## the default suite (slow tests excluded)
+test: torch tf  ## the default suite (slow tests excluded), every extra installed
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
-test-all: torch
+test-all: torch tf
 	$(PY) -m pytest $(ARGS)
 
 figures: venv  ## every figure from the records under $(RUNS) (runs no experiment)
@@ -53,11 +67,12 @@ lab: venv  ## open the notebooks in JupyterLab (installed into .venv on first us
 	$(PY) -m pip install --quiet -e ".[dev,notebooks]"
 	$(VENV)/bin/jupyter lab notebooks/
 
-paper: torch  ## the paper's experiments trimmed for a CPU (~2 h on 2 cores), then the figures
-	$(PY) -m ablation.run -m experiment=reference_cpu $(ARGS)
-	$(PY) -m ablation.memory -m experiment=memory $(ARGS)
-	$(MAKE) figures
+# Where `make paper` writes (OUTDIR=outputs/reference/cpu regenerates the committed reference).
+OUTDIR ?= outputs/paper
+paper: torch tf  ## the CPU reference: runtimes, ablation, frameworks, memory (~2 h), then figures
+	OUTDIR=$(OUTDIR) PYTHON=$(PY) scripts/reference_cpu.sh
+	$(MAKE) figures RUNS=$(OUTDIR)
 
 clean:  ## remove .venv, caches and every run under outputs/ (never outputs/reference)
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(TF_VENV) .pytest_cache
 	find outputs -mindepth 1 -maxdepth 1 ! -name reference -exec rm -rf {} +

@@ -19,15 +19,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from ablation.sweep.config import ConfigError, probe_settings_from_dict
-from ablation.sweep.shell import CONF_DIR, config_or_exit, exit_with_error, experiment_name
+from ablation.sweep.shell import (CONF_DIR, check_command_line, config_or_exit, exit_with_error,
+                                  experiment_name)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     from ablation.sweep.jobs import run_memory_job
     plain, cell = config_or_exit(cfg)
-    if cell.is_reference:
-        exit_with_error("the memory probe measures the JAX engines (both, jit, vmap, none)")
     try:
         settings = probe_settings_from_dict(plain.get("memory"))
     except ConfigError as error:
@@ -44,4 +43,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line(sys.argv[1:])
     main()

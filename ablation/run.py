@@ -20,7 +20,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from ablation.sweep.shell import CONF_DIR, config_or_exit, exit_with_error, experiment_name  # noqa: F401
+from ablation.sweep.shell import (CONF_DIR, check_command_line, config_or_exit, experiment_name,
+                                  launcher_of)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -28,11 +29,14 @@ def main(cfg: DictConfig) -> None:
     from ablation.sweep.jobs import run_timing_job
     plain, cell = config_or_exit(cfg)
     hydra_cfg = HydraConfig.get()
+    launcher, concurrent = launcher_of(hydra_cfg)
     record = run_timing_job(cell, plain, hydra_cfg.runtime.output_dir, resume=cfg.resume,
-                            resume_root=cfg.paths.output_dir, experiment=experiment_name())
+                            resume_root=cfg.paths.output_dir, experiment=experiment_name(),
+                            launcher=launcher, concurrent_cells=concurrent)
     if hydra_cfg.mode == RunMode.RUN and record.get("status") != "ok":
         sys.exit(1)  # a single failed cell fails the command; a sweep goes on
 
 
 if __name__ == "__main__":
+    check_command_line(sys.argv[1:])
     main()

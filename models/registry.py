@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ablation.core.taps import LayeredLoss
 from models import nets
 
 PyTree = object
@@ -61,16 +62,27 @@ def sigmoid_cross_entropy(logit: jax.Array, label: jax.Array) -> jax.Array:
 class Model:
     """A network with its per-example loss and the dataset it trains on.
 
-    ``net`` is a batched Haiku network without RNG (``apply(params, x[B, ...]) -> [B, K]``).
-    ``loss(params, x1, y1)`` is the loss of ONE example: the contract of
-    :func:`ablation.clipped_grad_sum`. ``paper_n_params`` is the paper's count.
+    ``fn`` is the batched Haiku network (``inputs [B, ...] -> logits [B, K]``), ``net`` its
+    transform (``apply(params, x[B, ...])``, no RNG). ``loss(params, x1, y1)`` is the loss of ONE
+    example (the contract of :func:`ablation.clipped_grad_sum`); it is a
+    :class:`~ablation.core.taps.LayeredLoss`, so the ghost engine can tap its layers.
+    ``paper_n_params`` is the paper's count.
     """
 
     name: str
-    net: hk.Transformed
+    fn: Callable[[jax.Array], jax.Array]
     dataset: DatasetSpec
     binary_logit: bool
     paper_n_params: int
+
+    @functools.cached_property
+    def loss(self) -> LayeredLoss:
+        output_loss = sigmoid_cross_entropy if self.binary_logit else softmax_cross_entropy
+        return LayeredLoss(network=self.fn, output_loss=output_loss)
+
+    @property
+    def net(self) -> hk.Transformed:
+        return self.loss.transformed
 
     def init(self, key: jax.Array) -> PyTree:
         """Parameters initialised from ``key`` (float32)."""
@@ -87,13 +99,6 @@ class Model:
         """Batched logits: ``x [B, ...] -> [B, K]``."""
         return self.net.apply(params, x)
 
-    def loss(self, params: PyTree, x1: jax.Array, y1: jax.Array) -> jax.Array:
-        """Loss of ONE example ``x1`` (no batch axis) with integer label ``y1``: a scalar."""
-        logits = self.net.apply(params, x1[None])[0]
-        if self.binary_logit:
-            return sigmoid_cross_entropy(logits, y1)
-        return softmax_cross_entropy(logits, y1)
-
     def predict(self, params: PyTree, x: jax.Array) -> jax.Array:
         """Predicted class per example: ``x [B, ...] -> [B]`` int."""
         logits = self.logits(params, x)
@@ -107,26 +112,29 @@ def count_params(params: PyTree) -> int:
     return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
 
 
-def _build(name: str, unroll: str) -> Model:
+def _build(name: str, unroll: str, pool: str) -> Model:
     builders = {
         "logreg": (nets.logreg, ADULT, True, 105),
         "ffnn": (nets.ffnn, ADULT, False, 5_352),
-        "cnn": (nets.cnn, MNIST, False, 26_010),
+        "cnn": (nets.cnn if pool == "fast" else nets.make_cnn(pool), MNIST, False, 26_010),
         "embed": (nets.embed, IMDB, False, 160_370),
         "lstm": (nets.make_lstm(unroll), IMDB, False, 1_081_002),
         "cifar10": (nets.cifar10, CIFAR10, False, 605_226),
     }
     fn, dataset, binary, n_params = builders[name]
-    return Model(name, hk.without_apply_rng(hk.transform(fn)), dataset, binary, n_params)
+    return Model(name, fn, dataset, binary, n_params)
 
 
 MODEL_NAMES: tuple[str, ...] = ("logreg", "ffnn", "cnn", "embed", "lstm", "cifar10")
 #: Models built with their default options; use :func:`get_model` for options (lstm unroll).
-MODELS: Mapping[str, Model] = {name: _build(name, "dynamic") for name in MODEL_NAMES}
+MODELS: Mapping[str, Model] = {name: _build(name, "dynamic", "fast") for name in MODEL_NAMES}
+UNROLLS = ("dynamic", "static")
+POOLS = nets.POOLS
 
 
-def get_model(name: str, *, unroll: str = "dynamic") -> Model:
-    """The model called ``name``; ``unroll`` (``static``/``dynamic``) applies to the lstm only.
+def get_model(name: str, *, unroll: str = "dynamic", pool: str = "fast") -> Model:
+    """The model called ``name``; ``unroll`` (``dynamic``/``static``) applies to the lstm only,
+    ``pool`` (``fast``/``xla``) to the cnn only (the same model, another max-pool gradient).
 
     The lstm scans its 256 tokens by default (``dynamic``); ``static`` unrolls them as the
     paper's code did (slow to compile on XLA:CPU).
@@ -136,8 +144,17 @@ def get_model(name: str, *, unroll: str = "dynamic") -> Model:
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}")
-    if unroll not in ("static", "dynamic"):
-        raise ValueError(f"unknown lstm unroll {unroll!r}; valid: static, dynamic")
-    if name != "lstm" or unroll == "dynamic":
-        return MODELS[name]
-    return _build(name, unroll)
+    if unroll not in UNROLLS:
+        raise ValueError(f"unknown lstm unroll {unroll!r}; valid: {', '.join(UNROLLS)}")
+    if pool not in POOLS:
+        raise ValueError(f"unknown cnn pool {pool!r}; valid: {', '.join(POOLS)}")
+    if (name == "lstm" and unroll != "dynamic") or (name == "cnn" and pool != "fast"):
+        return _with_options(name, unroll if name == "lstm" else "dynamic",
+                             pool if name == "cnn" else "fast")
+    return MODELS[name]
+
+
+@functools.lru_cache(maxsize=8)
+def _with_options(name: str, unroll: str, pool: str) -> Model:
+    # One Model per option, so repeated calls share its transform and compiled code.
+    return _build(name, unroll, pool)

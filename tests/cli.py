@@ -18,6 +18,11 @@ def run_cli(module: str, *args: str, output_dir: Path, timeout: float = 600,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """``python -m <module> <args> paths.output_dir=<output_dir>``, captured."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="0", **(env or {}))
-    cmd = [sys.executable, "-m", module, *args, f"paths.output_dir={output_dir}"]
+    hydra_entry = module in ("ablation.run", "ablation.memory")
+    args = list(args)
+    if hydra_entry:  # among the overrides: argparse takes them as one run, before ``--cfg ...``
+        flags = [i for i, arg in enumerate(args) if arg.startswith("--")]
+        args.insert(flags[0] if flags else len(args), f"paths.output_dir={output_dir}")
+    cmd = [sys.executable, "-m", module, *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env=full_env)

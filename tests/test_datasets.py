@@ -8,16 +8,8 @@ import numpy as np
 import pytest
 
 from ablation.data import datasets
-from ablation.data.datasets import (
-    DatasetUnavailable,
-    RemoteFile,
-    check_archive,
-    fetch,
-    parse_adult,
-    parse_cifar10,
-    parse_imdb,
-    parse_mnist,
-)
+from ablation.data.datasets import (DatasetUnavailable, RemoteFile, check_archive, fetch,
+                                    parse_adult, parse_cifar10, parse_imdb, parse_mnist)
 from ablation.measure.settings import CellConfig, PrivacyConfig, TimingConfig
 from tests import formats
 from tests.cli import QUICK, run_cli

@@ -229,3 +229,30 @@ def test_step_rejects_bad_batches(ffnn_case):
         step(params, optimizer.init(params), x, y[:7], jax.random.key(0))
     with pytest.raises(ValueError, match="empty"):
         step(params, optimizer.init(params), x[:0], y[:0], jax.random.key(0))
+
+
+@pytest.mark.parametrize("engine", ["both", "ghost", get_engine("jit", "scan")],
+                         ids=["both", "ghost", "jit-scan"])
+def test_k_steps_per_call_equal_k_single_steps(engine, ffnn_case):
+    """Issue 14.4: one compiled call of K steps = K single steps with the same inputs."""
+    model, params, x, y = ffnn_case
+    k = 3
+    xs = jnp.stack([x] * k) + jnp.arange(k, dtype=x.dtype)[:, None, None] * 0.1
+    ys = jnp.stack([y] * k)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(5), i))(jnp.arange(k))
+    optimizer = sgd(LR)
+    dp = DPConfig(1.0, 1.1)
+    multi = make_step(engine, model.loss, optimizer, dp, steps_per_call=k)
+    got = multi(params, optimizer.init(params), xs, ys, keys)[0]
+    single = make_step(engine, model.loss, optimizer, dp)
+    state = (params, optimizer.init(params))
+    for i in range(k):
+        state = single(*state, xs[i], ys[i], keys[i])
+    np.testing.assert_allclose(flatten(got), flatten(state[0]), rtol=1e-5, atol=1e-7)
+    assert multi.compiled_functions == 1
+
+
+def test_k_steps_per_call_needs_a_compiled_step():
+    model = get_model("logreg")
+    with pytest.raises(ValueError, match="steps_per_call > 1 needs an engine that compiles"):
+        make_step("vmap", model.loss, sgd(LR), None, steps_per_call=2)

@@ -10,12 +10,17 @@ import numpy as np
 import pytest
 
 from ablation import ENGINES, LOOPS, Engine, clipped_grad_sum, get_engine
-from ablation.core.engines import clipped_grad, global_norm
+from ablation.core.clipping import per_example_sq_norms
+from ablation.core.engines import GHOST_MODES, clipped_grad, global_norm
+from ablation.core.taps import GhostUnsupported, LayeredLoss
 from tests.conftest import flatten, reference_clipped_sum, reference_per_example_grads
 
-ENGINE_VARIANTS = [get_engine("jit", loop) for loop in LOOPS] + [
+PAPER_VARIANTS = [get_engine("jit", loop) for loop in LOOPS] + [
     ENGINES[name] for name in ("both", "vmap", "none")]
-ENGINE_IDS = [f"{e.name}-{e.loop}" if e.uses_loop else e.name for e in ENGINE_VARIANTS]
+GHOST_VARIANTS = [get_engine("ghost", mode=mode) for mode in GHOST_MODES]
+ENGINE_VARIANTS = PAPER_VARIANTS + GHOST_VARIANTS
+ENGINE_IDS = [f"{e.name}-{e.loop}" if e.uses_loop else
+              f"ghost-{e.ghost}" if e.ghost else e.name for e in ENGINE_VARIANTS]
 
 # Engines run in float32 and the oracle in float64: float32 rounding through up to ~10 layers
 # (cifar10) stays well inside these.
@@ -52,6 +57,21 @@ def test_masked_slots_contribute_nothing(engine, model_case, oracle):
     np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL * max(1.0, np.abs(expected).max()))
 
 
+@pytest.mark.parametrize("engine", ENGINE_VARIANTS, ids=ENGINE_IDS)
+def test_every_engine_matches_the_oracle_with_the_papers_max_pool(engine):
+    """Issue 18: the cnn with hk.MaxPool (model.pool=xla) agrees too, in every engine."""
+    from models import get_model
+    from tests.conftest import small_batch
+    model = get_model("cnn", pool="xla")
+    params = model.init(jax.random.key(1))
+    x, y = small_batch(model, 4, seed=2)
+    per_example = reference_per_example_grads(model.loss, params, x, y)
+    clip = float(np.median([np.linalg.norm(g) for g in per_example]))
+    expected = reference_clipped_sum(per_example, clip)
+    got = flatten(clipped_grad_sum(engine, model.loss, params, x, y, clip))
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL * np.abs(expected).max())
+
+
 def test_infinite_clip_norm_is_plain_gradient_sum(model_case, oracle):
     model, params, x, y = model_case
     per_example, _, _ = oracle
@@ -84,9 +104,130 @@ def test_each_engine_clips_each_example():
     params = {"w": jnp.zeros(3)}
     x = -jnp.array([[0.5, 0, 0], [2.0, 0, 0], [10.0, 0, 0]])
     y = jnp.zeros(3, jnp.int32)
-    for engine in ENGINE_VARIANTS:
+    for engine in PAPER_VARIANTS:  # (the ghost engine needs a network's layers)
         total = clipped_grad_sum(engine, _quadratic_loss, params, x, y, 1.0)
         np.testing.assert_allclose(np.asarray(total["w"]), [2.5, 0, 0], rtol=1e-6)
+
+
+# -- the ghost engine's own guarantees (issue 14) ---------------------------------------------
+
+
+def test_ghost_per_example_norms_equal_the_materialised_ones(model_case, oracle):
+    model, params, x, y = model_case
+    _, norms, _ = oracle
+    got = np.sqrt(np.asarray(per_example_sq_norms(model.loss, params, x, y)))
+    np.testing.assert_allclose(got, norms, rtol=1e-5)
+
+
+def test_ghost_handles_non_finite_padded_slots(model_case, oracle):
+    """A padded slot holding inf (or a garbage label) contributes exactly nothing."""
+    model, params, x, y = model_case
+    per_example, _, clip = oracle
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.at[1].set(jnp.inf)
+    mask = jnp.array([1.0, 0.0, 1.0, 1.0])
+    expected = reference_clipped_sum(per_example, clip, mask=np.asarray(mask))
+    for engine in GHOST_VARIANTS:
+        got = flatten(clipped_grad_sum(engine, model.loss, params, x, y, clip, mask=mask))
+        np.testing.assert_allclose(got, expected, rtol=RTOL,
+                                   atol=ATOL * max(1.0, np.abs(expected).max()))
+
+
+def test_ghost_static_lstm_matches_the_oracle():
+    """The paper's unrolled lstm is tapped the same way as the scanned one."""
+    from models import get_model
+    from tests.conftest import small_batch
+    model = get_model("lstm", unroll="static")
+    params = model.init(jax.random.key(1))
+    x, y = small_batch(model, 3, seed=2)
+    per_example = reference_per_example_grads(model.loss, params, x, y)
+    clip = float(np.median([np.linalg.norm(g) for g in per_example]))
+    expected = reference_clipped_sum(per_example, clip)
+    got = flatten(clipped_grad_sum("ghost", model.loss, params, x, y, clip))
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL * np.abs(expected).max())
+
+
+def _layered(fn, binary=False):
+    from models.registry import softmax_cross_entropy
+    return LayeredLoss(network=fn, output_loss=softmax_cross_entropy)
+
+
+def test_ghost_refuses_a_layer_no_rule_covers():
+    import haiku as hk
+
+    def net(x):
+        return hk.Linear(2)(hk.LayerNorm(-1, True, True)(x))
+
+    loss = _layered(net)
+    params = loss.transformed.init(jax.random.key(0), jnp.zeros((1, 3)))
+    x, y = jnp.ones((2, 3)), jnp.zeros(2, jnp.int32)
+    with pytest.raises(GhostUnsupported, match="no clipping rule covers the parameters of "
+                                               "'layer_norm'"):
+        clipped_grad_sum("ghost", loss, params, x, y, 1.0)
+
+
+def test_ghost_refuses_a_layer_applied_twice():
+    import haiku as hk
+
+    def net(x):
+        layer = hk.Linear(3)
+        return layer(jax.nn.relu(layer(x)))[:, :2]
+
+    loss = _layered(net)
+    params = loss.transformed.init(jax.random.key(0), jnp.zeros((1, 3)))
+    with pytest.raises(GhostUnsupported, match="'linear' is applied more than once"):
+        clipped_grad_sum("ghost", loss, params, jnp.ones((2, 3)), jnp.zeros(2, jnp.int32), 1.0)
+
+
+def test_ghost_refuses_a_layer_that_does_not_keep_examples_apart():
+    """A layer fed flattened positions ([B·T, d]) would get one clip factor per row: refused."""
+    import haiku as hk
+
+    def net(x):
+        b = x.shape[0]
+        return hk.Linear(2)(hk.Linear(3)(x.reshape(b * 2, 2)).reshape(b, 6))
+
+    loss = _layered(net)
+    params = loss.transformed.init(jax.random.key(0), jnp.zeros((1, 4)))
+    # The inner layer (built second, so 'linear_1') sees 6 rows for a batch of 3.
+    with pytest.raises(GhostUnsupported,
+                       match=r"'linear_1''s input \(6, 2\) does not have the examples"):
+        clipped_grad_sum("ghost", loss, params, jnp.ones((3, 4)), jnp.zeros(3, jnp.int32), 1.0)
+
+
+def test_ghost_refuses_a_plain_function_loss():
+    with pytest.raises(GhostUnsupported, match="LayeredLoss"):
+        clipped_grad_sum("ghost", _quadratic_loss, {"w": jnp.zeros(3)}, jnp.zeros((2, 3)),
+                         jnp.zeros(2, jnp.int32), 1.0)
+
+
+@pytest.mark.parametrize("positions, d, p, gram", [(1, 5, 5, None), (256, 200, 400, False),
+                                                   (16, 1152, 256, True)])
+def test_dense_rule_picks_the_cheaper_form_and_both_are_exact(positions, d, p, gram):
+    from ablation.core import clipping
+    if gram is not None:
+        assert clipping.prefers_gram(positions, d, p) is gram
+    a = jax.random.normal(jax.random.key(0), (2, min(positions, 8), 6))
+    g = jax.random.normal(jax.random.key(1), (2, min(positions, 8), 4))
+    expected = np.sum(np.square(np.einsum("btd,btp->bdp", a, g)), axis=(1, 2)) + \
+        np.sum(np.square(np.sum(np.asarray(g), axis=1)), axis=-1)
+    for prefer in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(clipping, "prefers_gram", lambda *_: prefer)
+            got = clipping.dense_sq_norms(a, g, ("w", "b"))
+        np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5)
+
+
+def test_embed_rule_sums_repeated_ids_first():
+    from ablation.core.clipping import embed_sq_norms
+    ids = jnp.array([[3, 1, 3, 3], [0, 1, 2, 2]])
+    g = jax.random.normal(jax.random.key(0), (2, 4, 5))
+    gn = np.asarray(g)
+    first = np.sum((gn[0, 0] + gn[0, 2] + gn[0, 3]) ** 2) + np.sum(gn[0, 1] ** 2)
+    second = np.sum(gn[1, 0] ** 2) + np.sum(gn[1, 1] ** 2) + np.sum((gn[1, 2] + gn[1, 3]) ** 2)
+    for vocab in (10, 2 ** 30):  # packed keys, and the argsort path for a huge vocabulary
+        np.testing.assert_allclose(np.asarray(embed_sq_norms(ids, g, vocab)), [first, second],
+                                   rtol=1e-5)
 
 
 # -- bad input ---------------------------------------------------------------------------------
@@ -128,7 +269,10 @@ def test_full_length_lstm_engines_agree(unroll):
     per_example = reference_per_example_grads(model.loss, params, x, y)
     clip = float(np.median([np.linalg.norm(g) for g in per_example]))
     expected = reference_clipped_sum(per_example, clip)
-    for engine in (ENGINES["both"], get_engine("jit", "scan"), ENGINES["vmap"]):
+    engines = [ENGINES["both"], get_engine("jit", "scan")]
+    if unroll == "static":  # the slow test also runs the eager vmap step (a minute)
+        engines.append(ENGINES["vmap"])
+    for engine in engines:
         got = flatten(clipped_grad_sum(engine, model.loss, params, x, y, clip))
         np.testing.assert_allclose(got, expected, rtol=RTOL,
                                    atol=ATOL * max(1.0, np.abs(expected).max()), err_msg=engine.name)

@@ -19,14 +19,66 @@ def test_parameter_count_equals_paper(name):
     assert count_params(params) == PAPER_COUNTS[name] == MODELS[name].paper_n_params
 
 
-def test_dynamic_lstm_has_the_same_parameters():
-    static = get_model("lstm").init(jax.random.key(0))
-    dynamic = get_model("lstm", unroll="dynamic").init(jax.random.key(0))
+def test_static_and_dynamic_lstm_are_the_same_model():
+    static = get_model("lstm", unroll="static").init(jax.random.key(0))
+    dynamic = get_model("lstm").init(jax.random.key(0))
     assert jax.tree.structure(static) == jax.tree.structure(dynamic)
     x = jax.random.randint(jax.random.key(1), (2, 256), 0, 10_000)
-    a = get_model("lstm").logits(static, x)
-    b = get_model("lstm", unroll="dynamic").logits(static, x)
+    a = get_model("lstm", unroll="static").logits(static, x)
+    b = get_model("lstm").logits(static, x)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_lstm_computes_what_haiku_lstm_computes():
+    """The tappable lstm keeps hk.LSTM's parameters and arithmetic (gate order, forget bias)."""
+    import haiku as hk
+
+    def reference(tokens):
+        h = hk.Embed(10_004, 100, name="embed")(tokens)
+        core = hk.LSTM(100, name="lstm")
+        out, _ = hk.dynamic_unroll(core, h, core.initial_state(tokens.shape[0]), time_major=False)
+        return hk.Linear(2, name="linear")(out.mean(axis=1))
+
+    ref = hk.without_apply_rng(hk.transform(reference))
+    x = jax.random.randint(jax.random.key(1), (2, 20), 0, 10_000)
+    params = ref.init(jax.random.key(0), x)
+    assert jax.tree.structure(params) == jax.tree.structure(MODELS["lstm"].init(jax.random.key(0)))
+    np.testing.assert_allclose(MODELS["lstm"].logits(params, x), ref.apply(params, x),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_fast_max_pool_has_hk_max_pools_values_and_gradients(ties):
+    """Issue 18: the same forward and the same gradient as hk.MaxPool, ties included (equal
+    maxima in a window go to the first in row-major order, as select-and-scatter does)."""
+    import haiku as hk
+
+    from models.nets import max_pool_2x2_s1
+    x = jax.random.normal(jax.random.key(0), (3, 9, 9, 4))
+    if ties:  # zeros after a ReLU, and repeated positive values in windows
+        x = jnp.round(jax.nn.relu(x) * 2) / 2
+    xla = hk.without_apply_rng(hk.transform(
+        lambda v: hk.MaxPool((1, 2, 2, 1), 1, padding="VALID")(v)))
+    # Small integers: sums of routed gradients are exact whatever the order of summation.
+    g = jax.random.randint(jax.random.key(1), (3, 8, 8, 4), 1, 9).astype(jnp.float32)
+    ours, vjp_ours = jax.vjp(max_pool_2x2_s1, x)
+    theirs, vjp_theirs = jax.vjp(lambda v: xla.apply({}, v), x)
+    np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_array_equal(vjp_ours(g)[0], vjp_theirs(g)[0])
+    if ties:
+        assert int(jnp.sum(x[:, :-1, :-1] == x[:, 1:, 1:])) > 50  # the case really has ties
+
+
+def test_cnn_pool_choices_are_the_same_model():
+    fast, xla = get_model("cnn"), get_model("cnn", pool="xla")
+    params = fast.init(jax.random.key(0))
+    x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))
+    y = jnp.array([0, 1, 2, 3])
+    np.testing.assert_allclose(fast.logits(params, x), xla.logits(params, x), rtol=1e-6)
+    g_fast = jax.grad(lambda p: fast.loss.batch_losses(p, x, y).sum())(params)
+    g_xla = jax.grad(lambda p: xla.loss.batch_losses(p, x, y).sum())(params)
+    for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_xla)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -71,5 +123,7 @@ def test_losses_match_textbook_cross_entropy():
 def test_unknown_model_lists_valid_names():
     with pytest.raises(ValueError, match="logreg, ffnn, cnn, embed, lstm, cifar10"):
         get_model("resnet")
-    with pytest.raises(ValueError, match="static, dynamic"):
+    with pytest.raises(ValueError, match="dynamic, static"):
         get_model("lstm", unroll="sideways")
+    with pytest.raises(ValueError, match="fast, xla"):
+        get_model("cnn", pool="avg")

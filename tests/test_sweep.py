@@ -34,7 +34,7 @@ def _compose(overrides: list[str], hydra_cfg: bool = False):
 
 
 @pytest.mark.parametrize("group, options", [
-    ("engine", ["both", "jit", "vmap", "none", "opacus"]),
+    ("engine", ["both", "jit", "vmap", "none", "ghost", "opacus"]),
     ("model", ["logreg", "ffnn", "cnn", "embed", "lstm", "cifar10"]),
     ("data", ["synthetic", "real"]),
 ])
@@ -44,6 +44,30 @@ def test_every_group_option_composes_and_validates(group, options):
         cfg = _compose([f"{group}={option}"])
         cell = cell_from_dict(OmegaConf.to_container(cfg, resolve=True))
         assert getattr(cell, group) == option
+
+
+@pytest.mark.parametrize("option, engine, mode", [
+    ("ghost", "ghost", "bookkeeping"), ("ghost_two_pass", "ghost", "two_pass"),
+    ("opacus", "opacus", "hooks"), ("opacus_ghost", "opacus", "ghost"), ("both", "both", None)])
+def test_engine_options_carry_their_mode(option, engine, mode):
+    from omegaconf import OmegaConf
+    cell = cell_from_dict(OmegaConf.to_container(_compose([f"engine={option}"]), resolve=True))
+    assert (cell.engine, cell.engine_mode) == (engine, mode)
+
+
+def test_model_options_and_steps_per_call_validate():
+    from omegaconf import OmegaConf
+
+    def cell(*overrides):
+        return cell_from_dict(OmegaConf.to_container(_compose(list(overrides)), resolve=True))
+
+    assert cell("model=lstm").unroll == "dynamic"  # the default; static is the paper's
+    assert cell("model=cnn").pool == "fast" and cell("model=cnn", "model.pool=xla").pool == "xla"
+    assert cell("train.steps_per_call=4").steps_per_call == 4
+    with pytest.raises(ConfigError, match="model.pool must be one of fast, xla"):
+        cell("model=cnn", "model.pool=avg")
+    with pytest.raises(ConfigError, match="train.steps_per_call=4 needs an engine that compiles"):
+        cell("engine=vmap", "train.steps_per_call=4")
 
 
 def test_defaults_are_the_papers():
@@ -92,12 +116,28 @@ def test_bad_value_on_the_command_line_exits_without_traceback(tmp_path):
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
-def test_unknown_engine_lists_the_options(tmp_path):
-    proc = run_cli("ablation.run", "engine=fastest", output_dir=tmp_path)
-    assert proc.returncode != 0
-    assert "Could not find 'engine/fastest'" in proc.stderr
-    for name in ("both", "jit", "vmap", "none"):
-        assert name in proc.stderr
+def test_unknown_engine_lists_the_options_in_one_line(tmp_path):
+    proc = run_cli("ablation.run", "-m", "engine=both,fastest", output_dir=tmp_path)
+    assert proc.returncode == 2
+    engines = sorted(path.stem for path in (Path(CONF_DIR) / "engine").glob("*.yaml"))
+    assert {"both", "jit", "vmap", "none", "ghost", "opacus", "tfp"} <= set(engines)
+    assert proc.stderr.strip().splitlines() == [
+        f"error: unknown engine 'fastest'; valid: {', '.join(engines)}"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+foo=1", "unknown config key 'foo'; valid keys: engine"),
+    ("+timing.max_step=3", "unknown config key 'timing.max_step'; did you mean "
+                           "'timing.max_steps'?"),
+    ("timing.max_step=3", "unknown config key 'timing.max_step'; did you mean "
+                          "'timing.max_steps'?"),
+])
+def test_unknown_keys_are_refused_naming_the_nearest(tmp_path, override, message):
+    """Issue 15.6: a stray or misspelled key is never accepted silently (nor with a page)."""
+    proc = run_cli("ablation.run", override, output_dir=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {message}" or (
+        message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1)
 
 
 def test_tiny_multirun_records_every_field_and_prints_summary(tmp_path):
@@ -126,6 +166,8 @@ def test_tiny_multirun_records_every_field_and_prints_summary(tmp_path):
     vmap = frame.set_index("engine").loc["vmap"]
     assert both["compile_s"] > 0 and pd.isna(vmap["compile_s"])
     assert "=== summary" in proc.stdout and "both x" in proc.stdout
+    assert "[sweep] 2 cells" in proc.stdout and "[sweep] 2/2 cells done" in proc.stdout
+    assert "\r" not in proc.stderr  # no progress bar when stderr is not a terminal
     table = summary_table(frame)
     assert list(table.loc[table.engine == "both", "both x"]) == [1.0]
     assert table.loc[table.engine == "vmap", "both x"].iloc[0] > 1.0
@@ -188,7 +230,7 @@ def test_resume_skips_finished_cells(tmp_path):
 
 def test_same_cell_twice_in_one_sweep_compiles_twice(tmp_path):
     """Each cell runs in a fresh process: the second copy pays the same compile."""
-    proc = run_cli("ablation.run", "-m", "engine=both", "model=cnn", "seed=1,2",
+    proc = run_cli("ablation.run", "-m", "engine=both", "model=ffnn", "seed=1,2",
                    "data.limit=256", "batch_size=32", *QUICK, output_dir=tmp_path)
     assert proc.returncode == 0, proc.stderr
     compiles = list(results.load(tmp_path)["compile_s"])
@@ -312,3 +354,36 @@ def test_markdown_and_csv_formats():
     assert md.splitlines()[0].startswith("| engine | model |") and "|---|" in md
     csv = format_summary(frame, "csv")
     assert csv.splitlines()[0].startswith("engine,model,batch,private,status")
+
+
+def test_eta_line():
+    import datetime as dt
+
+    from ablation.sweep.callbacks import eta_line
+    now = dt.datetime(2026, 11, 28, 12, 0)
+    assert eta_line(3, 12, 90.0, now) == ("[sweep] 3/12 cells done, 1.5 min so far, "
+                                          "~4.5 min left (ETA 12:04)")
+    assert eta_line(12, 12, 360.0, now) == "[sweep] 12/12 cells done, 6.0 min so far"
+
+
+def test_summary_command_compares_two_folders(tmp_path):
+    """Issue 15.3: python -m ablation.summary prints tables, and for two folders the ratio."""
+    from ablation.report.records import write_json
+    from tests.records import timing_record
+    for folder, factor in (("a", 1.0), ("b", 2.0)):
+        for engine in ("both", "vmap"):
+            r = timing_record(engine, "ffnn", 64, True)
+            r["median_epoch_s"] *= factor
+            write_json(tmp_path / folder / engine / "result.json", r)
+    proc = run_cli("ablation.summary", str(tmp_path / "a"), str(tmp_path / "b"),
+                   output_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "=== b / a" in proc.stdout
+    ratios = [line for line in proc.stdout.splitlines() if line.strip().startswith(("both", "vmap"))
+              and line.strip().endswith("2")]
+    assert len(ratios) == 2
+    md = run_cli("ablation.summary", str(tmp_path / "a"), "--format", "markdown",
+                 output_dir=tmp_path)
+    assert md.stdout.startswith("| engine | model |")
+    empty = run_cli("ablation.summary", str(tmp_path / "nothing"), output_dir=tmp_path)
+    assert empty.returncode == 2 and "no such folder" in empty.stderr

@@ -29,18 +29,11 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from ablation.core.engines import (
-    DispatchLoop,
-    Engine,
-    LossFn,
-    PyTree,
-    check_batch,
-    check_clip_norm,
-    get_engine,
-    traced_sum_strategy,
-)
+from ablation.core.engines import (DispatchLoop, Engine, LossFn, PyTree, check_batch,
+                                   check_clip_norm, get_engine, traced_sum_strategy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +91,17 @@ class Step:
     Calling it returns ``(params, opt_state)``. ``mask`` (optional, ``[B]``) drops padded slots
     of a fixed-capacity Poisson batch; the average then divides by ``expected_batch_size``.
 
+    With ``devices=N > 1`` (``both`` and ``ghost``) the step is data-parallel: the batch is
+    split over N devices (a mesh over the batch axis, ``shard_map``), each device clips its own
+    examples, the clipped sums are added across devices (``psum``), and the noise is drawn once
+    from the step's key, so the update equals the single-device one for the same key. The
+    batch (the padded capacity under Poisson sampling) must divide by N.
+
+    With ``steps_per_call=K > 1`` (compiled engines only) one call runs K DP-SGD steps in one
+    compiled ``lax.scan``: ``x [K, B, ...]``, ``y [K, B]``, ``key [K]`` (one key per step) and
+    ``mask [K, B]`` hold the K steps' inputs, and the result equals K single steps with the
+    same inputs. Small models are dispatch-bound; this measures what the step itself costs.
+
     Attributes:
       engine, private: what this step runs.
       compiled_functions: how many distinct functions this engine compiles (0 for the eager
@@ -107,11 +111,37 @@ class Step:
         with fixed shapes ends with ``n_compiles == compiled_functions``.
     """
 
-    def __init__(self, engine: Engine | str, loss_fn: LossFn, optimizer: optax.GradientTransformation,
+    def __init__(self, engine: Engine | str, loss_fn: LossFn,
+                 optimizer: optax.GradientTransformation,
                  dp: DPConfig | None, *, expected_batch_size: float | None = None,
-                 donate: bool = False):
+                 donate: bool = False, steps_per_call: int = 1, devices: int = 1,
+                 clipped_sum: Callable[..., PyTree] | None = None):
         self.engine = get_engine(engine)
+        self._clipped_sum = clipped_sum
+        if clipped_sum is not None and not self.engine.compiles_whole_step:
+            raise ValueError("a custom clipped_sum needs an engine that compiles the whole step")
         self.private = dp is not None
+        self.devices = int(devices)
+        self._mesh = None
+        if self.devices > 1:
+            if not (self.engine.jit and self.engine.vectorized):
+                raise ValueError(f"devices > 1 needs a compiled vectorised engine (both or "
+                                 f"ghost), not {self.engine.name}")
+            available = jax.devices()
+            if len(available) < self.devices:
+                raise ValueError(f"devices={self.devices} but JAX sees {len(available)} "
+                                 f"{available[0].platform} device(s) (on a CPU, XLA_FLAGS="
+                                 f"--xla_force_host_platform_device_count={self.devices} makes "
+                                 f"{self.devices})")
+            self._mesh = jax.sharding.Mesh(np.array(available[:self.devices]), ("batch",))
+        self.steps_per_call = int(steps_per_call)
+        if self.steps_per_call < 1:
+            raise ValueError(f"steps_per_call must be a positive integer, got {steps_per_call}")
+        if self.steps_per_call > 1 and not self.engine.compiles_whole_step:
+            raise ValueError(f"steps_per_call > 1 needs an engine that compiles the whole step "
+                             f"(both, ghost, jit with loop=unrolled or scan), not "
+                             f"{self.engine.name}" + (f"[{self.engine.loop}]"
+                                                      if self.engine.uses_loop else ""))
         self.dp = dp
         self.n_compiles = 0
         if expected_batch_size is not None and not expected_batch_size > 0:
@@ -128,7 +158,8 @@ class Step:
             self.compiled_functions = 3
             self._plan = "dispatch"
         elif self.engine.jit:
-            self._jitted = jax.jit(self._counted(self._traced_step), donate_argnums=donate_state)
+            body = self._traced_step if self.steps_per_call == 1 else self._scanned_steps
+            self._jitted = jax.jit(self._counted(body), donate_argnums=donate_state)
             self.compiled_functions = 1
             self._plan = "compiled"
         else:
@@ -138,7 +169,7 @@ class Step:
     # -- the algorithm, written once --------------------------------------------------------
 
     def _denominator(self, x: jax.Array) -> float:
-        return self._expected_batch_size or x.shape[0]
+        return self._expected_batch_size or x.shape[0]  # x of one step: [B, ...]
 
     def _apply(self, params, opt_state, grads):
         updates, opt_state = self._optimizer.update(grads, opt_state, params)
@@ -159,8 +190,58 @@ class Step:
     def _traced_step(self, params, opt_state, x, y, key, mask):
         """The whole step as one traceable function (compiled, or run under disable_jit)."""
         strategy = traced_sum_strategy(self.engine, self.private)
-        grad_sum = strategy(self._loss_fn, params, x, y, self._clip_norm, mask)
+        if self.private and self._clipped_sum is not None:
+            strategy = self._clipped_sum
+        if self._mesh is None:
+            grad_sum = strategy(self._loss_fn, params, x, y, self._clip_norm, mask)
+        else:
+            grad_sum = self._sharded_sum(strategy, params, x, y, mask)
         return self._finish(params, opt_state, grad_sum, key, self._denominator(x))
+
+    def _sharded_sum(self, strategy, params, x, y, mask):
+        """The (clipped) gradient sum with the batch split over the mesh: each device sums its
+        own examples, then the sums are added across devices (replicated result)."""
+        from jax.sharding import PartitionSpec as P
+
+        from ablation.core.compat import shard_map
+        if x.shape[0] % self.devices:
+            raise ValueError(f"a batch of {x.shape[0]} does not divide over "
+                             f"engine.devices={self.devices}")
+        clip, loss = self._clip_norm, self._loss_fn
+
+        def local(p, xs, ys, *ms):
+            part = strategy(loss, p, xs, ys, clip, ms[0] if ms else None)
+            return jax.lax.psum(part, "batch")
+
+        batch = P("batch")
+        args = (params, x, y) + (() if mask is None else (mask,))
+        specs = (P(), batch, batch) + (() if mask is None else (batch,))
+        return shard_map(local, mesh=self._mesh, in_specs=specs, out_specs=P())(*args)
+
+    def input_sharding(self) -> Any:
+        """Where a batch should live before the step (sharded over the mesh), or None."""
+        if self._mesh is None:
+            return None
+        return jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec("batch"))
+
+    def _scanned_steps(self, params, opt_state, xs, ys, keys, masks):
+        """``steps_per_call`` steps in one ``lax.scan``: the same step, K inputs."""
+        def one(state, inputs):
+            x, y, key, mask = inputs
+            return self._traced_step(*state, x, y, key, mask), None
+
+        (params, opt_state), _ = jax.lax.scan(one, (params, opt_state), (xs, ys, keys, masks))
+        return params, opt_state
+
+    def _check(self, x, y, mask) -> None:
+        if self.steps_per_call == 1:
+            check_batch(x, y, mask)
+            return
+        k = self.steps_per_call
+        if x.shape[0] != k or y.shape[0] != k or (mask is not None and mask.shape[0] != k):
+            raise ValueError(f"steps_per_call={k}: x, y (and mask) need a leading axis of {k} "
+                             f"steps, got {x.shape[0]} and {y.shape[0]}")
+        check_batch(x[0], y[0], None if mask is None else mask[0])
 
     # -- compilation bookkeeping -------------------------------------------------------------
 
@@ -179,12 +260,13 @@ class Step:
         Returns None for the eager engines (nothing compiles). Later calls with the same shapes
         run the compiled executables without further tracing.
         """
-        check_batch(x, y, mask)
+        self._check(x, y, mask)
         start = time.perf_counter()
         if self._plan == "eager":
             return None
         if self._plan == "compiled":
-            self._compiled["step"] = self._jitted.lower(params, opt_state, x, y, key, mask).compile()
+            lowered = self._jitted.lower(params, opt_state, x, y, key, mask)
+            self._compiled["step"] = lowered.compile()
         else:
             clip = self._clip_norm
             zeros = self._loop.zeros.lower(params).compile()
@@ -205,7 +287,7 @@ class Step:
 
     def __call__(self, params: PyTree, opt_state: PyTree, x: jax.Array, y: jax.Array,
                  key: jax.Array, mask: jax.Array | None = None) -> tuple[PyTree, PyTree]:
-        check_batch(x, y, mask)
+        self._check(x, y, mask)
         if self._plan == "compiled":
             return self._call_compiled("step", self._jitted, params, opt_state, x, y, key, mask)
         if self._plan == "eager":
@@ -241,7 +323,8 @@ class Step:
 
 def make_step(engine: Engine | str, loss_fn: LossFn, optimizer: optax.GradientTransformation,
               dp: DPConfig | None, *, expected_batch_size: float | None = None,
-              donate: bool = False) -> Step:
+              donate: bool = False, steps_per_call: int = 1, devices: int = 1,
+              clipped_sum: Callable[..., PyTree] | None = None) -> Step:
     """A training step ``step(params, opt_state, x, y, key[, mask]) -> (params, opt_state)``.
 
     Args:
@@ -255,6 +338,12 @@ def make_step(engine: Engine | str, loss_fn: LossFn, optimizer: optax.GradientTr
         padded batches divides by the expected batch size q·n).
       donate: let the compiled step reuse the input parameter/optimizer buffers (faster, less
         memory; the arrays passed in are invalidated).
+      steps_per_call: K > 1 runs K steps per call in one compiled scan (see :class:`Step`).
+      devices: N > 1 splits the batch over N devices (data parallel; see :class:`Step`).
+      clipped_sum: the private step's clipped gradient sum from elsewhere (another library's
+        ``sum(loss_fn, params, x, y, clip_norm, mask)``) instead of the engine's; noise,
+        averaging and update stay this module's (reference rows such as jax_privacy's).
     """
     return Step(engine, loss_fn, optimizer, dp, expected_batch_size=expected_batch_size,
-                donate=donate)
+                donate=donate, steps_per_call=steps_per_call, devices=devices,
+                clipped_sum=clipped_sum)

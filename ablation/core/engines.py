@@ -17,6 +17,11 @@ reaches the hardware:
 * ``vmap``  – the ``both`` computation run under ``jax.disable_jit()``: op-by-op dispatch with no
   whole-function compilation (JAX still runs each primitive as its own small kernel);
 * ``none``  – a Python loop of eager per-example gradients.
+
+Beyond the paper, ``ghost`` (``jax.jit``, vectorised by per-layer rules instead of vmap) computes
+the same sum without any per-example gradient: each example's norm from its layers' inputs and
+output gradients, then the clipped sum by book-keeping or a second backward pass
+(:mod:`ablation.core.clipping`). It needs a model's :class:`~ablation.core.taps.LayeredLoss`.
 """
 
 from __future__ import annotations
@@ -31,11 +36,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ablation.core import clipping
+
 PyTree = Any
 #: ``loss_fn(params, x1, y1) -> scalar`` for ONE example (no batch axis).
 LossFn = Callable[[PyTree, jax.Array, jax.Array], jax.Array]
 
 LOOPS: tuple[str, ...] = ("dispatch", "unrolled", "scan")
+GHOST_MODES: tuple[str, ...] = clipping.MODES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,16 +58,23 @@ class Engine:
         function called once per example), ``unrolled`` (the loop traced inside one ``jit``;
         compile time and memory grow with the batch) or ``scan`` (``lax.scan`` inside ``jit``;
         compile time independent of the batch). Ignored by the other engines.
+      ghost: None for the paper's engines; for ``ghost``, how the clipped sum is formed once
+        the norms are known: ``bookkeeping`` (from the stored layer inputs and output
+        gradients, in one pass) or ``two_pass`` (a second backward pass of Σ c_i ℓ_i).
     """
 
     name: str
     jit: bool
     vectorized: bool
     loop: str = "dispatch"
+    ghost: str | None = None
 
     def __post_init__(self) -> None:
         if self.loop not in LOOPS:
             raise ValueError(f"unknown engine loop {self.loop!r}; valid loops: {', '.join(LOOPS)}")
+        if self.ghost is not None and self.ghost not in GHOST_MODES:
+            raise ValueError(f"unknown ghost mode {self.ghost!r}; valid modes: "
+                             f"{', '.join(GHOST_MODES)}")
 
     @property
     def uses_loop(self) -> bool:
@@ -81,14 +96,19 @@ ENGINES: Mapping[str, Engine] = MappingProxyType({
     "jit": Engine("jit", jit=True, vectorized=False),
     "vmap": Engine("vmap", jit=False, vectorized=True),
     "none": Engine("none", jit=False, vectorized=False),
+    "ghost": Engine("ghost", jit=True, vectorized=True, ghost="bookkeeping"),
 })
+#: The paper's 2x2 ablation (``ghost`` is beyond it).
+ABLATION_ENGINES: tuple[str, ...] = ("both", "jit", "vmap", "none")
 
 
-def get_engine(engine: Engine | str, loop: str | None = None) -> Engine:
-    """Resolve an engine name (or pass an ``Engine`` through), optionally setting its loop.
+def get_engine(engine: Engine | str, loop: str | None = None,
+               mode: str | None = None) -> Engine:
+    """Resolve an engine name (or pass an ``Engine`` through), optionally setting its loop
+    (``jit``) or mode (``ghost``: ``bookkeeping`` or ``two_pass``).
 
     Raises:
-      ValueError: unknown engine name or loop; the message lists the valid names.
+      ValueError: unknown engine name, loop or mode; the message lists the valid names.
     """
     if isinstance(engine, str):
         if engine not in ENGINES:
@@ -96,7 +116,11 @@ def get_engine(engine: Engine | str, loop: str | None = None) -> Engine:
         engine = ENGINES[engine]
     if not isinstance(engine, Engine):
         raise TypeError(f"engine must be an Engine or a name, got {type(engine).__name__}")
-    return engine if loop is None else engine.with_loop(loop)
+    if loop is not None:
+        engine = engine.with_loop(loop)
+    if mode is not None and engine.ghost is not None:
+        engine = dataclasses.replace(engine, ghost=mode)
+    return engine
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,6 +246,14 @@ def batched_sum(loss_fn: LossFn, params: PyTree, x: jax.Array, y: jax.Array,
     return jax.grad(total_loss)(params)
 
 
+def ghost_sum(loss_fn: LossFn, params: PyTree, x: jax.Array, y: jax.Array,
+              clip_norm: float | jax.Array, mask: jax.Array | None = None,
+              mode: str = "bookkeeping") -> PyTree:
+    """The ghost engine's clipped sum: per-layer norm rules, no per-example gradients
+    (:func:`ablation.core.clipping.ghost_clipped_sum`)."""
+    return clipping.ghost_clipped_sum(loss_fn, params, x, y, clip_norm, mask, mode=mode)
+
+
 def unrolled_sum(loss_fn: LossFn, params: PyTree, x: jax.Array, y: jax.Array,
                  clip_norm: float | jax.Array | None, mask: jax.Array | None = None) -> PyTree:
     """A Python loop over examples: eager for ``none``, traced into one program for jit-unrolled."""
@@ -266,6 +298,8 @@ def traced_sum_strategy(engine: Engine, private: bool = True) -> Callable[..., P
     switches: a vectorised engine takes the batched gradient (:func:`batched_sum`), a loop
     engine runs the same loop as its private step without clipping (``clip_norm=None``).
     """
+    if engine.ghost is not None:
+        return functools.partial(ghost_sum, mode=engine.ghost) if private else batched_sum
     if engine.vectorized:
         return vmap_sum if private else batched_sum
     if not engine.jit:

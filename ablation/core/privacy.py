@@ -75,7 +75,8 @@ def check_privacy_inputs(*, delta: float, sampling_rate: float, steps: int, acco
     if steps < 1:
         raise ValueError(f"the run must take at least one step, got {steps}")
     if accountant not in ACCOUNTANTS:
-        raise ValueError(f"dp.accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
+        raise ValueError(f"dp.accountant must be one of {', '.join(ACCOUNTANTS)}, "
+                         f"got {accountant!r}")
     if sampling not in SAMPLINGS:
         raise ValueError(f"dp.sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
     if target_epsilon is not None and not (target_epsilon > 0 and math.isfinite(target_epsilon)):

@@ -2,7 +2,8 @@
 
 ``load_training_set`` gives the whole training set as device arrays (synthetic by default:
 the real dataset's shapes, dtypes and class counts, deterministic by seed; ``real`` reads the
-cached files through :mod:`ablation.data.datasets`). The samplers draw every batch on the device with
+cached files through :mod:`ablation.data.datasets`). The samplers draw every batch on the
+device with
 one compiled call, so a step is timed without any host copy or data work inside the clock.
 """
 
@@ -139,10 +140,13 @@ class ShuffleSampler:
         return Batch(x, y)
 
 
-def poisson_capacity(expected_batch: float, n: int, sigmas: float) -> int:
-    """Padded capacity: the expected batch size plus ``sigmas`` binomial standard deviations."""
+def poisson_capacity(expected_batch: float, n: int, sigmas: float, multiple_of: int = 1) -> int:
+    """Padded capacity: the expected batch size plus ``sigmas`` binomial standard deviations,
+    rounded up to a multiple of ``multiple_of`` (the devices a batch is split over)."""
     q = expected_batch / n
-    return min(n, int(math.ceil(expected_batch + sigmas * math.sqrt(n * q * (1 - q)))))
+    capacity = int(math.ceil(expected_batch + sigmas * math.sqrt(n * q * (1 - q))))
+    capacity = -(-capacity // multiple_of) * multiple_of
+    return capacity if capacity <= n else n - n % multiple_of
 
 
 class PoissonSampler:
@@ -169,7 +173,7 @@ class PoissonSampler:
         self.sampling_rate = batch_size / data.size
         self.steps_per_epoch = data.size // batch_size
         self._key = key
-        self._counts: list[jax.Array] = []
+        self._counts: dict[int, jax.Array] = {}  # per step index: each step counted once
         q, n = self.sampling_rate, data.size
 
         @jax.jit
@@ -189,12 +193,14 @@ class PoissonSampler:
 
     def batch(self, i: int) -> Batch:
         x, y, mask, count = self._sample(self.data.x, self.data.y, jax.random.fold_in(self._key, i))
-        self._counts.append(count)
+        self._counts[i] = count
         return Batch(x, y, mask)
 
     def stats(self) -> dict:
-        """Sampled batch sizes so far: mean, max and how many steps overflowed the capacity."""
-        counts = np.asarray(jax.device_get(self._counts)) if self._counts else np.zeros(0)
+        """Sampled batch sizes of the steps drawn so far (each step once, also where a timing
+        burst reused prepared batches): mean, max and how many overflowed the capacity."""
+        counts = (np.asarray(jax.device_get(list(self._counts.values()))) if self._counts
+                  else np.zeros(0))
         return {
             "capacity": self.capacity,
             "poisson_mean_batch": float(counts.mean()) if counts.size else None,

@@ -261,7 +261,8 @@ def rows_of(cell: CellConfig, batch_size: int, n_train: int) -> int:
     if cell.dp.sampling != "poisson":
         return batch_size
     from ablation.data.samplers import poisson_capacity
-    return poisson_capacity(batch_size, max(n_train, batch_size), cell.dp.capacity_sigmas)
+    return poisson_capacity(batch_size, max(n_train, batch_size), cell.dp.capacity_sigmas,
+                            cell.devices)
 
 
 def try_batch(cell: CellConfig, noise_multiplier: float, batch_size: int, *,
@@ -287,15 +288,15 @@ def try_batch(cell: CellConfig, noise_multiplier: float, batch_size: int, *,
     jax.block_until_ready(jax.jit(lambda v: v + 1)(jnp.zeros(1)))  # start the runtime
     device = jax.devices()[0]
     on_cpu = device.platform == "cpu"
-    model = get_model(cell.model, unroll=cell.unroll)
+    model = get_model(cell.model, unroll=cell.unroll, pool=cell.pool)
     spec = model.dataset
     rows = rows_of(cell, batch_size, n_train or spec.n_train)
     poisson = rows != batch_size or cell.dp.sampling == "poisson"
-    engine = get_engine(cell.engine, cell.loop)
+    engine = get_engine(cell.engine, cell.loop, cell.engine_mode)
     optimizer = sgd(cell.lr)
     dp = DPConfig(cell.dp.clip_norm, noise_multiplier) if cell.private else None
     step = make_step(engine, model.loss, optimizer, dp, donate=True,
-                     expected_batch_size=batch_size if poisson else None)
+                     expected_batch_size=batch_size if poisson else None, devices=cell.devices)
     keys = run_keys(cell.seed)
 
     def make_state():
@@ -316,9 +317,11 @@ def try_batch(cell: CellConfig, noise_multiplier: float, batch_size: int, *,
         step.compile(*abstract_state, abstract_batch[0], abstract_batch[1], keys.noise,
                      abstract_batch[2])
         peaks = [predicted_peak(c) for c in step.executables]
-        result["predicted_bytes"] = None if not peaks or any(p is None for p in peaks) else max(peaks)
+        known = peaks and all(p is not None for p in peaks)
+        result["predicted_bytes"] = max(peaks) if known else None
     elif predict_only:
-        raise ValueError(f"memory.predict_only needs a jit engine (both or jit), not {engine.name}")
+        raise ValueError(f"memory.predict_only needs a jit engine (both, jit or ghost), not "
+                         f"{engine.name}")
     if predict_only:
         return {**result, "wall_s": time.perf_counter() - start}
     if on_predicted is not None and result["predicted_bytes"] is not None:
@@ -344,20 +347,31 @@ def try_batch(cell: CellConfig, noise_multiplier: float, batch_size: int, *,
             peak_reset = _reset_peak_rss()
             one_step()
             high_water = _proc_status_bytes("VmHWM") if peak_reset else None
+        if high_water is None and cap_bytes is not None:
+            raise RuntimeError("cannot measure the step's own peak: /proc/self/clear_refs is not "
+                               "writable here, so the CPU cap cannot be checked")
         result["peak_bytes"] = None if high_water is None else high_water - baseline
         result["peak_scope"] = "step" if peak_reset else None
         if cap_bytes is not None and result["peak_bytes"] is not None \
                 and result["peak_bytes"] > cap_bytes:
-            result.update(status="oom", error=f"the step's peak {result['peak_bytes'] / (1 << 20):.0f}"
-                          f" MiB exceeds the cap {cap_bytes / (1 << 20):.0f} MiB")
+            result.update(status="oom",
+                          error=f"the step's peak {result['peak_bytes'] / (1 << 20):.0f} MiB "
+                                f"exceeds the cap {cap_bytes / (1 << 20):.0f} MiB")
     else:
-        before = (device.memory_stats() or {}).get("peak_bytes_in_use", 0)
+        used = jax.devices()[:cell.devices]
+
+        def peaks() -> list[int]:
+            return [int((d.memory_stats() or {}).get("peak_bytes_in_use", 0)) for d in used]
+
+        before = peaks()
         one_step()
-        stats = device.memory_stats() or {}
-        if "peak_bytes_in_use" in stats:  # the device allocator's own, process-lifetime peak
-            result["peak_bytes"] = int(stats["peak_bytes_in_use"])
+        after = peaks()
+        if any(after):  # each device allocator's own, process-lifetime peak: the largest counts
+            result["peak_bytes"] = max(after)
+            result["peak_bytes_per_device"] = after
             # The lifetime peak is the step's only if the step raised it above what compiling
             # (autotuning) had left; otherwise it is an upper bound.
-            result["peak_scope"] = "step" if result["peak_bytes"] > before else "process"
+            raised = any(a > b for a, b in zip(after, before))
+            result["peak_scope"] = "step" if raised else "process"
     result["wall_s"] = time.perf_counter() - start
     return result

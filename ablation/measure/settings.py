@@ -11,8 +11,16 @@ from typing import Any, Mapping
 
 TIMING_MODES = ("budget", "epochs")
 #: Engines outside the JAX registry (reference rows from other frameworks).
-REFERENCE_ENGINES = ("opacus",)
-OPACUS_MODES = ("hooks", "ghost", "functorch", "ew")
+REFERENCE_ENGINES = ("opacus", "backpack", "pyvacy", "tfp", "jax_privacy")
+#: Reference engines that train on shuffled fixed-size batches only (no Poisson sampling).
+FIXED_BATCH_ENGINES = ("opacus", "backpack", "pyvacy", "tfp")
+#: Engines with modes (``engine.mode``), the first of each being the default.
+ENGINE_MODES = {
+    "ghost": ("bookkeeping", "two_pass"),
+    "opacus": ("hooks", "ghost", "functorch", "ew"),
+    "tfp": ("vectorized", "loop"),
+    "jax_privacy": ("vmap", "microbatch"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +68,14 @@ class CellConfig:
 
     engine: str = "both"
     loop: str = "dispatch"
-    engine_mode: str | None = None  # opacus grad-sample mode
+    engine_mode: str | None = None  # see ENGINE_MODES (ghost: bookkeeping; opacus: hooks)
     model: str = "ffnn"
-    unroll: str = "dynamic"
+    unroll: str = "dynamic"  # lstm: dynamic (lax.scan) | static (the paper's unroll)
+    pool: str = "fast"  # cnn: fast (custom-VJP max-pool) | xla (hk.MaxPool, the paper's)
+    steps_per_call: int = 1  # compiled engines: DP-SGD steps per compiled call
+    devices: int = 1  # both/ghost: the batch split over this many devices (data parallel)
+    xla: bool = False  # tfp: compile the Keras step with XLA (jit_compile)
+    microbatch_size: int = 16  # jax_privacy, engine.mode=microbatch: examples per micro-batch
     data: str = "synthetic"
     data_limit: int | None = None
     data_cache_dir: str | None = None

@@ -9,6 +9,8 @@ norm C, noised with σ·C on the sum and divided by the batch size: the JAX engi
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import replace as dataclasses_replace
 from typing import Any
 
 import numpy as np
@@ -27,8 +29,12 @@ except ImportError as _error:  # pragma: no cover - exercised where opacus is ab
                       "(install torch==2.13.0 first on the development machine: make torch)"
                       ) from _error
 
+# Opacus warns on every cell that its secure RNG is off; the sweep says so once instead.
+warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG turned off.*")
+warnings.filterwarnings("ignore", message=".*Optimal order is the largest alpha.*")
+
 __all__ = ["clipped_grad_sum", "environment_torch", "make_private", "time_cell_torch",
-           "torch_device"]
+           "torch_device", "try_batch_torch"]
 
 
 def environment_torch(device: torch.device) -> dict[str, Any]:
@@ -42,7 +48,8 @@ def make_private(module: nn.Module, model_name: str, *, lr: float, clip_norm: fl
     """Wrap ``module`` with Opacus' PrivacyEngine: ``(module, optimizer, criterion)``.
 
     Fixed-size batches (no Poisson sampling), flat clipping to ``clip_norm``, noise σ·C on
-    the sum, divided by the batch size: the same DP-SGD as the JAX engines.
+    the sum, divided by Opacus' expected batch size ``int(n / (n // B))`` (B itself where B
+    divides n; 257 for IMDb at B=256): the JAX engines' DP-SGD up to that divisor.
     """
     from opacus import PrivacyEngine
     optimizer = torch.optim.SGD(module.parameters(), lr=lr)
@@ -98,4 +105,76 @@ def time_cell_torch(cell: CellConfig, noise_multiplier: float) -> dict[str, Any]
 
     setup = private_setup if cell.private else plain_sgd(cell)
     label = f"opacus[{mode}]" if cell.private else "pytorch"
-    return time_torch_cell(cell, setup, label=label, versions={"opacus": opacus.__version__})
+    # Without privacy the lstm is PyTorch's own nn.LSTM (DPLSTM is Opacus' Python loop).
+    return time_torch_cell(cell, setup, label=label, versions={"opacus": opacus.__version__},
+                           dp_lstm=cell.private)
+
+
+def try_batch_torch(cell: CellConfig, noise_multiplier: float, batch_size: int, *,
+                    cap_bytes: int | None = None) -> dict[str, Any]:
+    """One Opacus (or plain PyTorch) step at ``batch_size`` for the memory probe, measured as
+    :func:`ablation.measure.probe.try_batch` measures a JAX step: on the CPU the step's own peak
+    resident memory after a warm-up step, against the cap (with the same safety net); on a GPU
+    PyTorch's allocator capped to the cap and its peak reset before the step."""
+    import gc
+    import time
+
+    from ablation.measure.probe import (_data_limit, _proc_status_bytes, _reset_peak_rss,
+                                        safety_limit)
+    from ablation.reference.torch_nets import build, training_set
+
+    start = time.perf_counter()
+    device = torch_device()
+    on_cpu = device.type == "cpu"
+    torch.manual_seed(cell.seed)
+    limited = dataclasses_replace(cell, data_limit=batch_size)
+    x, y = training_set(limited, device)
+    targets = targets_for(cell.model, y)
+    if not on_cpu and cap_bytes is not None:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total), device)
+    module = build(cell.model, dp_lstm=cell.private).to(device)
+    if cell.private:
+        module, optimizer, criterion = make_private(
+            module, cell.model, lr=cell.lr, clip_norm=cell.dp.clip_norm,
+            noise_multiplier=noise_multiplier, batch_size=batch_size, x=x, y=targets,
+            mode=cell.engine_mode or "hooks")
+    else:
+        optimizer = torch.optim.SGD(module.parameters(), lr=cell.lr)
+        criterion = criterion_for(cell.model)
+
+    def one_step() -> None:
+        optimizer.zero_grad(set_to_none=(cell.engine_mode or "hooks") != "ew")
+        criterion(module(x), targets).backward()
+        optimizer.step()
+        if not on_cpu:
+            torch.cuda.synchronize(device)
+
+    result: dict[str, Any] = {"batch_size": batch_size, "rows": batch_size, "status": "ok",
+                              "peak_bytes": None, "predicted_bytes": None, "peak_scope": "step"}
+    safety = safety_limit(cap_bytes) if on_cpu and cap_bytes is not None else None
+    with _data_limit(safety):
+        one_step()  # warm-up: PyTorch's and Opacus' one-off allocations
+    gc.collect()
+    if on_cpu:
+        baseline = _proc_status_bytes("VmRSS")
+        with _data_limit(safety):
+            reset = _reset_peak_rss()
+            one_step()
+            high = _proc_status_bytes("VmHWM") if reset else None
+        result["peak_bytes"] = None if high is None else high - baseline
+        result["peak_scope"] = "step" if reset else None
+        if cap_bytes is not None and result["peak_bytes"] is not None \
+                and result["peak_bytes"] > cap_bytes:
+            result.update(status="oom", error=f"the step's peak {result['peak_bytes'] >> 20} MiB "
+                          f"exceeds the cap {cap_bytes >> 20} MiB")
+    else:
+        torch.cuda.reset_peak_memory_stats(device)
+        one_step()
+        result["peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        if cap_bytes is not None and result["peak_bytes"] > cap_bytes:
+            result.update(status="oom", error=f"the step's peak {result['peak_bytes'] >> 20} "
+                          f"MiB exceeds the cap {cap_bytes >> 20} MiB")
+    result["wall_s"] = time.perf_counter() - start
+    result["env"] = environment_torch(device)
+    return result

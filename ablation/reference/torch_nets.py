@@ -8,7 +8,7 @@ JAX ones except the LSTM: PyTorch's keeps two bias vectors per gate, so it has 4
 (1,081,402); records hold ``n_params`` as measured.
 
 :func:`time_torch_cell` times a cell with the same protocol as the JAX engines
-(:func:`ablation.measure.timing.run_timing_loop`): data on the device before timing, batches
+(:func:`ablation.measure.clock.run_timing_loop`): data on the device before timing, batches
 drawn outside the clock, the device synchronised before every clock read, and ``compile_s``
 null (nothing is compiled ahead). A framework supplies only how one step runs.
 """
@@ -252,14 +252,15 @@ def environment_torch(device: torch.device, **versions: str | None) -> dict[str,
 
 
 #: ``setup(module, x, targets) -> step(xb, yb)``: a framework's training step for a cell.
-StepSetup = Callable[[nn.Module, torch.Tensor, torch.Tensor], Callable[[torch.Tensor, torch.Tensor], None]]
+StepSetup = Callable[[nn.Module, torch.Tensor, torch.Tensor],
+                     Callable[[torch.Tensor, torch.Tensor], None]]
 
 
 def time_torch_cell(cell: CellConfig, setup: StepSetup, *, label: str,
                     versions: Mapping[str, str | None], dp_lstm: bool = True) -> dict[str, Any]:
     """Time one PyTorch cell whose step ``setup`` builds; the same fields as
     :func:`ablation.measure.timing.time_cell`, with ``versions`` in the record's ``env``."""
-    from ablation.measure.timing import PreparedClock, run_timing_loop
+    from ablation.measure.clock import PreparedClock, run_timing_loop
 
     device = torch_device()
     torch.manual_seed(cell.seed)

@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from ablation.report import records
-from ablation.report.summary import ENGINE_ORDER, engine_label, model_label
+from ablation.report.labels import ENGINE_ORDER, engine_label, model_label
 
 #: What identifies one cell of a family.
 CELL = ("engine_label", "model", "batch_size", "private", "data")
-MODEL_ORDER = ("logreg", "ffnn", "cnn", "embed", "lstm", "lstm[static]", "cifar10")
+MODEL_ORDER = ("logreg", "ffnn", "cnn", "cnn[xla]", "embed", "lstm", "lstm[static]", "cifar10")
 
 
 class MissingCells(LookupError):
@@ -76,10 +76,46 @@ def _dedupe(frame: pd.DataFrame, cell: Sequence[str]) -> pd.DataFrame:
     return frame[~dup].drop(columns="_when")
 
 
+#: What each engine is written in (its non-private rows are that framework's plain SGD).
+FRAMEWORKS = {"opacus": "pytorch", "backpack": "pytorch", "pyvacy": "pytorch", "tfp": "tensorflow",
+              "jax_privacy": "jax"}
+
+
+def system_of(row: Mapping[str, Any]) -> str:
+    """What a row measures, as drawn: a private row its engine; a non-private row its
+    framework's plain step where engines share one (``pytorch`` for Opacus, BackPACK and
+    PyVacy, ``keras`` / ``keras[xla]`` for TF Privacy, ``both`` for ghost and jax_privacy,
+    whose non-private step is the batched gradient), else its engine (the loops differ)."""
+    if row["private"]:
+        return row["engine_label"]
+    engine = row["engine"]
+    if FRAMEWORKS.get(engine) == "pytorch":
+        return "pytorch"
+    if engine == "tfp":
+        return "keras[xla]" if row.get("xla") is True else "keras"
+    if engine in ("ghost", "jax_privacy"):
+        devices = row.get("devices")
+        many = devices is not None and devices == devices and devices > 1
+        return f"both[{int(devices)} devices]" if many else "both"
+    return row["engine_label"]
+
+
+def _one_baseline(frame: pd.DataFrame) -> pd.DataFrame:
+    """Non-private rows that repeat another engine's plain step (Opacus', BackPACK's and
+    PyVacy's PyTorch SGD; ghost's and jax_privacy's batched gradient) are one system: keep the
+    row of the first engine in the usual order, so nothing is drawn twice or averaged."""
+    order = {name: i for i, name in enumerate(ENGINE_ORDER)}
+    frame = frame.assign(_rank=frame["engine"].map(lambda e: order.get(e, len(order))))
+    keys = ["family", "system", "model", "batch_size", "private", "data"]
+    frame = frame.sort_values(["_rank", "engine_label"])
+    return frame.drop_duplicates(subset=keys, keep="first").drop(columns="_rank")
+
+
 def timing_frame(records_frame: pd.DataFrame, *, ok_only: bool = True) -> pd.DataFrame:
     """One row per timing cell of each family, tidy columns.
 
-    Columns: engine_label, engine, framework, model (``lstm[static]`` for the paper's unroll),
+    Columns: engine_label, system (:func:`system_of`), engine, framework, model
+    (``lstm[static]`` for the paper's unroll),
     batch_size, private, data, device, family, identity, experiment, status, compile_s,
     first_step_s, first_epoch_s, median_step_s, iqr_step_s, steps_timed, throughput_step_s,
     median_epoch_s, epoch_estimated, epsilon, n_params, started_at, path.
@@ -92,13 +128,14 @@ def timing_frame(records_frame: pd.DataFrame, *, ok_only: bool = True) -> pd.Dat
         frame = frame[frame["status"] == "ok"]
     if frame.empty:
         return empty
-    for column in ("loop", "engine_mode", "unroll", "experiment", "finished_at"):
+    for column in ("loop", "engine_mode", "unroll", "pool", "experiment", "finished_at", "xla",
+                   "devices", "microbatch_size"):
         if column not in frame:
             frame[column] = None
     frame["engine_label"] = frame.apply(engine_label, axis=1)
     frame["model"] = frame.apply(model_label, axis=1)
-    frame["framework"] = np.where(frame["engine"] == "opacus",
-                                  np.where(frame["private"], "opacus", "pytorch"), "jax")
+    frame["framework"] = frame["engine"].map(lambda e: FRAMEWORKS.get(e, "jax"))
+    frame["system"] = frame.apply(system_of, axis=1)
     frame["device"] = frame.apply(device_label, axis=1)
     for column in ("compile_s", "first_step_s", "first_epoch_s", "median_step_s", "iqr_step_s",
                    "throughput_step_s", "median_epoch_s", "epsilon", "steps_timed"):
@@ -107,8 +144,8 @@ def timing_frame(records_frame: pd.DataFrame, *, ok_only: bool = True) -> pd.Dat
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
     if "epoch_estimated" not in frame:
         frame["epoch_estimated"] = True
-    frame = _dedupe(frame, CELL)
-    columns = [*CELL, "engine", "framework", "device", "family", "identity", "experiment",
+    frame = _one_baseline(_dedupe(frame, CELL))
+    columns = [*CELL, "system", "engine", "framework", "device", "family", "identity", "experiment",
                "status", "compile_s", "first_step_s", "first_epoch_s", "median_step_s",
                "iqr_step_s", "steps_timed", "throughput_step_s", "median_epoch_s",
                "epoch_estimated", "epsilon", "n_params", "started_at", "path"]
@@ -126,7 +163,7 @@ def memory_frame(records_frame: pd.DataFrame) -> pd.DataFrame:
                           & (records_frame["status"] == "ok")].copy()
     if frame.empty:
         return empty
-    for column in ("loop", "engine_mode", "unroll", "experiment", "finished_at",
+    for column in ("loop", "engine_mode", "unroll", "pool", "experiment", "finished_at",
                    "cap_enforced", "predict_only"):
         if column not in frame:
             frame[column] = None
@@ -171,7 +208,8 @@ def require(frame: pd.DataFrame, **wanted: Iterable) -> pd.DataFrame:
     keys = list(wanted)
     values = [list(v) for v in wanted.values()]
     index = pd.MultiIndex.from_product(values, names=keys)
-    present = set(map(tuple, frame[keys].itertuples(index=False, name=None))) if len(frame) else set()
+    present = (set(map(tuple, frame[keys].itertuples(index=False, name=None))) if len(frame)
+               else set())
     missing = [combo for combo in index if combo not in present]
     if missing:
         shown = ", ".join("/".join(map(str, m)) for m in missing[:8])
@@ -227,14 +265,19 @@ def decomposition(frame: pd.DataFrame, *, batch_size: int, private: bool = True,
 
 
 def privacy_overhead(frame: pd.DataFrame) -> pd.DataFrame:
-    """Private ÷ non-private epoch time for the same engine, model, batch and family: the cost
-    of clipping and noise alone (non-private steps keep the engine's switches)."""
-    keys = ["engine_label", "model", "batch_size", "data", "device", "family"]
-    private = frame[frame["private"] == True].set_index(keys)["median_epoch_s"]  # noqa: E712
-    public = frame[frame["private"] == False].set_index(keys)["median_epoch_s"]  # noqa: E712
-    both = private.to_frame("private_s").join(public.to_frame("nonprivate_s"), how="inner")
+    """Private ÷ non-private epoch time of the same engine (its framework's plain step where
+    engines share one, :func:`system_of`), model, batch and family: the cost of clipping and
+    noise alone (non-private steps keep the engine's switches)."""
+    keys = ["model", "batch_size", "data", "device", "family"]
+    private = frame[frame["private"] == True].copy()  # noqa: E712
+    private["baseline"] = private.apply(lambda r: system_of({**r.to_dict(), "private": False}),
+                                        axis=1)
+    public = frame[frame["private"] == False]  # noqa: E712
+    public = public.rename(columns={"system": "baseline", "median_epoch_s": "nonprivate_s"})
+    both = private.rename(columns={"median_epoch_s": "private_s"}).merge(
+        public[[*keys, "baseline", "nonprivate_s"]], on=[*keys, "baseline"], how="inner")
     both["overhead"] = both["private_s"] / both["nonprivate_s"]
-    return _ordered(both.reset_index())
+    return _ordered(both[["engine_label", *keys, "private_s", "nonprivate_s", "overhead"]])
 
 
 def max_batch_sizes(memory: pd.DataFrame) -> pd.DataFrame:
@@ -277,17 +320,19 @@ def _ordered(frame: pd.DataFrame) -> pd.DataFrame:
     return order.sort_values(sort).drop(columns=["_m", "_e"]).reset_index(drop=True)
 
 
-def load(root: str | Path = "outputs") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(timing, memory)`` frames of every record under ``root`` (a run, a sweep, or a folder
-    of them).
+def load(root: str | Path | Iterable[str | Path] = "outputs"
+         ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(timing, memory)`` frames of every record under ``root`` (a run, a sweep, a folder of
+    them, or several such folders: records from many machines merge, kept apart by family).
 
     Raises:
-      NoRecords: ``root`` does not exist or holds no result records.
+      NoRecords: a folder does not exist, or none holds result records.
     """
-    root = Path(root)
-    if not root.exists():
-        raise NoRecords(f"no such folder: {root}")
-    frame = records.load(root)
+    roots = [Path(root)] if isinstance(root, (str, Path)) else [Path(r) for r in root]
+    for folder in roots:
+        if not folder.exists():
+            raise NoRecords(f"no such folder: {folder}")
+    frame = records.load(roots)
     if frame.empty:
-        raise NoRecords(f"no result records (result.json) under {root}")
+        raise NoRecords(f"no result records (result.json) under {', '.join(map(str, roots))}")
     return timing_frame(frame), memory_frame(frame)

@@ -27,21 +27,27 @@ import seaborn as sns
 from ablation.report import analysis
 from ablation.report.analysis import MissingCells, require
 
-SYSTEM_ORDER = ("both", "jit", "jit[unrolled]", "jit[scan]", "vmap", "none", "opacus",
-                "opacus[ghost]", "opacus[functorch]", "opacus[ew]", "pytorch")
-_colors = sns.color_palette("colorblind", 8)
+SYSTEM_ORDER = ("both", "jit", "jit[unrolled]", "jit[scan]", "vmap", "none", "ghost",
+                "ghost[two_pass]", "jax_privacy", "opacus", "opacus[ghost]", "opacus[functorch]",
+                "opacus[ew]", "pytorch", "tfp", "tfp[xla]", "tfp[loop]", "tfp[loop,xla]", "keras",
+                "keras[xla]", "backpack", "pyvacy")
+_colors = sns.color_palette("colorblind", 10)
+_more = sns.color_palette("dark", 10)
 PALETTE = {"both": _colors[0], "jit": _colors[1], "jit[unrolled]": _colors[1],
            "jit[scan]": _colors[1], "vmap": _colors[2], "none": _colors[7],
+           "ghost": _colors[8], "ghost[two_pass]": _more[8], "jax_privacy": _colors[9],
            "opacus": _colors[3], "opacus[ghost]": _colors[4], "opacus[functorch]": _colors[5],
-           "opacus[ew]": _colors[6], "pytorch": _colors[3]}
+           "opacus[ew]": _colors[6], "pytorch": _more[3], "tfp": _more[0], "tfp[xla]": _more[5],
+           "tfp[loop]": _more[1], "tfp[loop,xla]": _more[6], "keras": _more[7],
+           "keras[xla]": _more[9], "backpack": _more[2], "pyvacy": _more[4]}
 ENGINE_NAMES = {"both": "jit + vmap", "jit": "jit only", "vmap": "vmap only", "none": "neither",
-                "opacus": "Opacus", "pytorch": "PyTorch"}
+                "ghost": "ghost (jit + layer rules)", "opacus": "Opacus", "pytorch": "PyTorch"}
 
 
 def _system(frame: pd.DataFrame) -> pd.Series:
-    """The bar label: the engine, or ``pytorch`` for Opacus' non-private (plain PyTorch) rows."""
-    return frame.apply(lambda r: "pytorch" if r.get("framework") == "pytorch"
-                       else r["engine_label"], axis=1)
+    """The bar label: the engine, or the framework's plain step for non-private rows that
+    engines share (:func:`ablation.report.analysis.system_of`)."""
+    return frame["system"] if "system" in frame else frame.apply(analysis.system_of, axis=1)
 
 
 def _order(present: Sequence[str]) -> list[str]:
@@ -76,12 +82,12 @@ def _epoch_axis(frame: pd.DataFrame) -> str:
     estimated = frame.get("epoch_estimated", pd.Series(True, index=frame.index))
     estimated = estimated.fillna(True).astype(bool)
     if estimated.all():
-        how = "estimated: steps/epoch × throughput"
+        how = "est. from throughput"
     elif not estimated.any():
         how = "full epochs run"
     else:
-        how = "some estimated from steps"
-    return f"median epoch time (s, log; {how})"
+        how = "some est. from throughput"
+    return f"epoch time (s, log; {how})"
 
 
 def runtimes(frame: pd.DataFrame, model: str, *, batch_sizes: Sequence[int] | None = None,
@@ -320,9 +326,7 @@ def slug(text: str) -> str:
 def draw_all(roots: Sequence[str | Path], out: str | Path) -> list[Path]:
     """Every figure the results under ``roots`` support, one folder per device and family
     (``<out>/<device>/<experiment>-<family hash>/``)."""
-    frames = [analysis.load(root) for root in roots]
-    timing = pd.concat([f[0] for f in frames], ignore_index=True)
-    memory = pd.concat([f[1] for f in frames], ignore_index=True)
+    timing, memory = analysis.load(list(roots))
     written: list[Path] = []
     for device, family, t in analysis.groups(timing):
         folder = Path(out) / slug(device) / family

@@ -34,12 +34,16 @@ VOLATILE_KEYS = ("resume", "hydra", "paths", "timing.progress", "timing.timeout_
 #: What a cell is within a sweep: a record's family is its config without these.
 GRID_KEYS = ("engine", "model", "batch_size", "private", "memory.predict_only")
 #: The machine and code half of a record's identity (besides each framework's own versions).
-MACHINE_KEYS = ("platform", "device_kind", "device_count", "cpu_model", "cpu_count", "git_sha",
-                "git_diff_sha")
+MACHINE_KEYS = ("platform", "device_kind", "device_count", "cpu_model", "cpu_count", "xla_flags",
+                "git_sha", "git_diff_sha")
 #: Versions that change a framework's numbers; JAX engines use ``jax``.
 FRAMEWORK_KEYS = {
     "jax": ("jax", "jaxlib", "haiku", "optax"),
+    "jax_privacy": ("jax", "jaxlib", "haiku", "optax", "jax_privacy"),
     "opacus": ("torch", "opacus", "torch_threads"),
+    "backpack": ("torch", "backpack", "torch_threads"),
+    "pyvacy": ("torch", "torch_threads"),
+    "tfp": ("tensorflow", "tensorflow_privacy", "tf_threads"),
 }
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -57,22 +61,42 @@ def _git(*args: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> dict[str, str | None]:
-    """The code that runs: ``git_sha`` (``<commit>-dirty`` when tracked files have changes) and
-    ``git_diff_sha``, a hash of those uncommitted changes (None on a clean tree).
+    """The code that runs: ``git_sha`` (``<commit>-dirty`` when tracked files have changes or
+    untracked files are not ignored) and ``git_diff_sha``, a hash of those uncommitted changes
+    and files (None on a clean tree).
 
-    On a dirty tree the diff's hash is part of every record's identity, so ``resume=true`` and
-    the figures only treat records as the same code when they ran with the very same
-    uncommitted changes; records from a clean commit are what the committed references hold.
+    On a dirty tree the hash is part of every record's identity, so ``resume=true`` and the
+    figures only treat records as the same code when they ran with the very same uncommitted
+    changes; records from a clean commit are what the committed references hold. Without git
+    (a copy of the sources), ``git_sha`` is None and the hash covers the package's sources.
     """
     try:
         sha = _git("rev-parse", "HEAD").strip()
-        diff = _git("diff", "HEAD", "--binary")
+        diff = _git("diff", "HEAD", "--binary", "--no-ext-diff", "--no-textconv")
+        untracked = _git("ls-files", "--others", "--exclude-standard", "-z").split("\0")
     except (OSError, subprocess.SubprocessError):
-        return {"git_sha": None, "git_diff_sha": None}
-    if not diff:
+        return {"git_sha": None, "git_diff_sha": _sources_hash()}
+    digest = hashlib.sha256(diff.encode())
+    for name in sorted(n for n in untracked if n):
+        digest.update(name.encode())
+        try:
+            digest.update((REPO_ROOT / name).read_bytes())
+        except OSError:
+            pass
+    if not diff and not any(untracked):
         return {"git_sha": sha, "git_diff_sha": None}
-    return {"git_sha": sha + "-dirty",
-            "git_diff_sha": hashlib.sha256(diff.encode()).hexdigest()[:16]}
+    return {"git_sha": sha + "-dirty", "git_diff_sha": digest.hexdigest()[:16]}
+
+
+def _sources_hash() -> str:
+    """A hash of the toolkit's own sources and configs (where git cannot say what runs)."""
+    digest = hashlib.sha256()
+    for folder in ("ablation", "models", "conf"):
+        for path in sorted((REPO_ROOT / folder).rglob("*")):
+            if path.suffix in (".py", ".yaml"):
+                digest.update(str(path.relative_to(REPO_ROOT)).encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def git_sha() -> str | None:
@@ -116,7 +140,8 @@ def environment(devices: bool = True) -> dict[str, Any]:
         "optax": _version("optax"), "dp_accounting": _version("dp-accounting"),
         "python": platform.python_version(), "host": socket.gethostname(),
         "cpu_count": cpu_count(), "cpu_model": cpu_model(), "machine": platform.machine(),
-        "os": platform.platform(), **code_version(),
+        "os": platform.platform(), "xla_flags": os.environ.get("XLA_FLAGS") or None,
+        **code_version(),
     }
     if devices:
         import jax
@@ -165,7 +190,8 @@ def machine_identity(env: Mapping[str, Any], engine: str | None,
 
 
 def _digest(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def record_identity(record: Mapping[str, Any]) -> str:
@@ -174,7 +200,9 @@ def record_identity(record: Mapping[str, Any]) -> str:
     kind = record.get("kind") or "timing"
     digest = record.get("config_hash") or config_hash(record.get("config") or {}, kind)
     return _digest({"config": digest, "kind": kind,
-                    "machine": machine_identity(record.get("env") or {}, record.get("engine"))})
+                    "machine": machine_identity(record.get("env") or {}, record.get("engine")),
+                    # cells timed several at a time on one machine are another measurement
+                    "concurrent_cells": record.get("concurrent_cells") or 1})
 
 
 def record_family(record: Mapping[str, Any]) -> str:
@@ -187,7 +215,8 @@ def record_family(record: Mapping[str, Any]) -> str:
         config = _drop(config, key)
     machine = machine_identity(record.get("env") or {}, record.get("engine"),
                                framework_versions=False)
-    return _digest({"config": config_hash(config, kind), "kind": kind, "machine": machine})
+    return _digest({"config": config_hash(config, kind), "kind": kind, "machine": machine,
+                    "concurrent_cells": record.get("concurrent_cells") or 1})
 
 
 def _json_safe(value: Any) -> Any:
@@ -261,7 +290,8 @@ def _newest_first(record: Mapping[str, Any]) -> str:
 
 
 def find_ok_record(root: str | os.PathLike, digest: str, kind: str,
-                   machine: Mapping[str, Any] | None = None) -> Path | None:
+                   machine: Mapping[str, Any] | None = None,
+                   concurrent_cells: int = 1) -> Path | None:
     """The newest ok record of kind ``kind``, config hash ``digest`` and (when given) this
     ``machine`` identity (:func:`machine_identity`) under ``root``, outside committed
     ``reference`` folders (see :func:`iter_records`); None if there is none."""
@@ -270,6 +300,7 @@ def find_ok_record(root: str | os.PathLike, digest: str, kind: str,
     found = [(path, record) for path, record in iter_records(root, skip_reference=True)
              if record.get("config_hash") == digest and record.get("status") == "ok"
              and record.get("kind") == kind
+             and (record.get("concurrent_cells") or 1) == concurrent_cells
              and (machine is None or machine_identity(record.get("env") or {},
                                                        record.get("engine")) == dict(machine))]
     if not found:
@@ -281,16 +312,18 @@ _FLOAT_FIELDS = ("compile_s", "first_step_s", "median_step_s", "median_epoch_s",
                  "delta", "first_epoch_s", "iqr_step_s")
 
 
-def load(root: str | os.PathLike = "outputs") -> "pd.DataFrame":
-    """All records under ``root`` as one DataFrame, one row per job.
+def load(root: str | os.PathLike | Iterable[str | os.PathLike] = "outputs") -> "pd.DataFrame":
+    """All records under ``root`` (a folder, or several: sweeps synced back from a cluster and
+    from other machines merge into one frame) as one DataFrame, one row per job.
 
     Nested ``env`` fields are flattened to ``env.<name>`` columns as well as kept whole;
     ``path`` holds each record's file; ``identity`` and ``family`` are
     :func:`record_identity` and :func:`record_family`. An empty frame (with the core columns)
     when none exist.
     """
+    roots = [root] if isinstance(root, (str, os.PathLike)) else list(root)
     rows = []
-    for path, record in iter_records(root):
+    for path, record in (item for r in roots for item in iter_records(r)):
         row = dict(record)
         row["identity"] = record_identity(record)
         row["family"] = record_family(record)

@@ -22,71 +22,28 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from ablation.report.records import SKIPPED_FILE, iter_records, read_json
+from ablation.report.benchmarks import format_cost
+from ablation.report.labels import (  # noqa: F401  (public names of the summary)
+    DEFAULT_MODES, ENGINE_ORDER, MIN_STEPS_FOR_SPREAD, engine_label, missing, model_label,
+    timing_rows)
+from ablation.report.records import SKIPPED_FILE, iter_records, read_json, record_family
 
-#: Engine order in tables and figures: the paper's four, then ours, then reference frameworks.
-ENGINE_ORDER = ("both", "jit", "vmap", "none", "ghost", "opacus", "jax_privacy", "tfp",
-                "backpack", "pyvacy")
-#: The default mode of each engine that has modes (not shown in labels).
-DEFAULT_MODES = {"opacus": "hooks", "ghost": "bookkeeping", "tfp": "vectorized",
-                 "jax_privacy": "vmap"}
-CELL_KEYS = ("model_label", "data", "batch_size", "private")
-#: Fewer timed latency steps than this and an IQR says little: the cell is flagged.
-MIN_STEPS_FOR_SPREAD = 5
 FORMATS = ("text", "markdown", "csv")
-
-
-def _isnan(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def engine_label(row: Any) -> str:
-    """``both``, ``jit`` (``jit[scan]`` for a non-default loop), ``opacus[ghost]``, …"""
-    engine = row["engine"]
-    loop = row.get("loop")
-    mode = row.get("engine_mode")
-    if engine == "jit" and not _isnan(loop) and loop != "dispatch":
-        return f"jit[{loop}]"
-    if engine in DEFAULT_MODES and not _isnan(mode) and mode != DEFAULT_MODES[engine]:
-        return f"{engine}[{mode}]"
-    return engine
-
-
-def model_label(row: Any) -> str:
-    """``lstm[static]`` for the paper's unrolled lstm, else the model's name."""
-    unroll = row.get("unroll")
-    if row["model"] == "lstm" and unroll == "static":
-        return "lstm[static]"
-    return row["model"]
-
-
+CELL_KEYS = ("family", "model_label", "data", "batch_size", "private")
 def sweep_records(root: str | Path) -> pd.DataFrame:
     """Records of one sweep folder, including those a ``resume=true`` run reused from earlier
     runs (``reused`` is True on those, and ``path`` points at the reused record)."""
     rows = [{**record, "path": str(path), "reused": False} for path, record in iter_records(root)]
     for pointer in sorted(Path(root).rglob(SKIPPED_FILE)):
         try:
-            target = read_json(pointer)["record"]
-            rows.append({**read_json(target), "path": target, "reused": True})
+            target = (pointer.parent / read_json(pointer)["record"]).resolve()  # or absolute
+            rows.append({**read_json(target), "path": str(target), "reused": True})
         except (OSError, KeyError, ValueError):
             continue
-    return pd.DataFrame(rows)
-
-
-def _relative_spread(row: pd.Series) -> float | None:
-    """How uncertain a cell's time is: the larger of the latency IQR ÷ median and the range
-    of its throughput bursts ÷ their median. None when too few steps were timed."""
-    steps = row.get("steps_timed")
-    if _isnan(steps) or steps < MIN_STEPS_FOR_SPREAD:
-        return None
-    spreads = []
-    if not _isnan(row.get("iqr_step_s")) and row.get("median_step_s"):
-        spreads.append(row["iqr_step_s"] / row["median_step_s"])
-    bursts = row.get("throughput_bursts_s")
-    if isinstance(bursts, list) and len(bursts) > 1:
-        mid = sorted(bursts)[len(bursts) // 2]
-        spreads.append((max(bursts) - min(bursts)) / mid if mid else math.inf)
-    return max(spreads) if spreads else None
+    frame = pd.DataFrame(rows)
+    if len(frame):
+        frame["family"] = [record_family(r) for r in rows]
+    return frame
 
 
 def ratio_digits(*relative_spreads: float | None) -> int:
@@ -95,7 +52,7 @@ def ratio_digits(*relative_spreads: float | None) -> int:
     The spreads add in quadrature: 10–100 % supports 1 figure, 1–10 % 2, less 3 (never more).
     An unknown spread (too few steps) gives 2 figures, flagged elsewhere.
     """
-    if any(_isnan(s) for s in relative_spreads):
+    if any(missing(s) for s in relative_spreads):
         return 2
     spread = math.sqrt(sum(s * s for s in relative_spreads))
     if not math.isfinite(spread):
@@ -107,30 +64,17 @@ def ratio_digits(*relative_spreads: float | None) -> int:
 
 def significant(value: float, digits: int) -> str:
     """``value`` with ``digits`` significant figures, without scientific notation."""
-    if _isnan(value):
+    if missing(value):
         return "-"
     if math.isinf(value):
         return "inf"
     if value == 0:
         return "0"
     decimals = digits - 1 - math.floor(math.log10(abs(value)))
+    rounded = round(value, decimals)
+    if rounded:  # rounding up may add a digit (0.996 -> 1.0): count again from the result
+        decimals = digits - 1 - math.floor(math.log10(abs(rounded)))
     return f"{round(value, decimals):,.{max(0, decimals)}f}"
-
-
-def _prepare(frame: pd.DataFrame) -> pd.DataFrame:
-    frame = frame[frame.get("kind", pd.Series("timing", index=frame.index)) == "timing"].copy()
-    if frame.empty:
-        return frame
-    for column in ("loop", "engine_mode", "unroll", "steps_timed", "iqr_step_s",
-                   "median_step_s", "throughput_step_s", "throughput_bursts_s", "epoch_estimated",
-                   "compile_s", "median_epoch_s", "epsilon", "delta", "accounted_steps",
-                   "reused", "path", "data"):
-        if column not in frame:
-            frame[column] = None
-    frame["engine_label"] = frame.apply(engine_label, axis=1)
-    frame["model_label"] = frame.apply(model_label, axis=1)
-    frame["spread"] = frame.apply(_relative_spread, axis=1)
-    return frame
 
 
 def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -145,7 +89,7 @@ def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
     """
     if frame.empty:
         return pd.DataFrame()
-    frame = _prepare(frame)
+    frame = timing_rows(frame)
     if frame.empty:
         return pd.DataFrame()
     ok = frame["status"] == "ok"
@@ -196,7 +140,7 @@ def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
 def _text_columns(table: pd.DataFrame) -> pd.DataFrame:
     """The table as display strings, with the marks the notes explain."""
     def fmt(value: Any, spec: str) -> str:
-        if _isnan(value):
+        if missing(value):
             return "-"
         if isinstance(value, float) and math.isinf(value):
             return "inf"
@@ -211,13 +155,13 @@ def _text_columns(table: pd.DataFrame) -> pd.DataFrame:
         "compile s": [fmt(v, ".2f") for v in table["compile s"]],
         "step ms": [fmt(v, ".3g") for v in table["step ms"]],
         "iqr %": [fmt(v, ".0f") for v in table["iqr %"]],
-        "steps": [("-" if _isnan(n) else f"{int(n)}" + ("!" if n < MIN_STEPS_FOR_SPREAD else ""))
+        "steps": [("-" if missing(n) else f"{int(n)}" + ("!" if n < MIN_STEPS_FOR_SPREAD else ""))
                   for n in table["steps"]],
         "thru ms": [fmt(v, ".3g") for v in table["thru ms"]],
-        "epoch s": [("~" if est and not _isnan(v) else "") + fmt(v, ".3g")
+        "epoch s": [("~" if est and not missing(v) else "") + fmt(v, ".3g")
                     for v, est in zip(table["epoch s"], table["estimated"])],
         "eps": [fmt(v, ".2f") for v in table["eps"]],
-        "both x": [("-" if _isnan(x) else significant(x, int(d)))
+        "both x": [("-" if missing(x) else significant(x, int(d)))
                    for x, d in zip(table["both x"], table["both x digits"])],
     })
     return out
@@ -238,13 +182,24 @@ def notes(table: pd.DataFrame) -> list[str]:
             table["engine"], table["model"], table["batch"], table["path"], table["reused"]) if r]
     eps = table[table["eps"].notna()]
     if len(eps):
-        deltas = sorted({f"{d:g}" for d in eps["delta"] if not _isnan(d)})
-        lengths = sorted({int(s) for s in eps["eps steps"] if not _isnan(s)})
+        deltas = sorted({f"{d:g}" for d in eps["delta"] if not missing(d)})
+        lengths = sorted({int(s) for s in eps["eps steps"] if not missing(s)})
         lines.append(f"eps at delta={', '.join(deltas)}: for the configured training "
                      f"({', '.join(f'{s:,}' for s in lengths)} steps), not for the steps timed")
     lines.append("step ms: median latency of one step; thru ms: per step, dispatched back to "
                  "back; both x: epoch time / both's")
     return lines
+
+
+def concurrency_warning(frame: pd.DataFrame) -> str | None:
+    """A warning when cells of these records ran several at a time on one machine."""
+    if "concurrent_cells" not in frame:
+        return None
+    most = pd.to_numeric(frame["concurrent_cells"], errors="coerce").max()
+    if not most or most != most or most <= 1:
+        return None
+    return (f"WARNING: up to {int(most)} cells ran at once on one machine "
+            "(hydra.launcher.array_parallelism > 1): their times disturb each other")
 
 
 def format_summary(frame: pd.DataFrame, fmt: str = "text") -> str:
@@ -255,14 +210,17 @@ def format_summary(frame: pd.DataFrame, fmt: str = "text") -> str:
     if fmt == "csv":
         return table.to_csv(index=False).rstrip("\n")
     text = _text_columns(table)
+    warning = concurrency_warning(frame)
     if fmt == "markdown":
         head = "| " + " | ".join(text.columns) + " |"
         rule = "|" + "|".join("---" if c in ("engine", "model", "status", "private") else "---:"
                               for c in text.columns) + "|"
         body = ["| " + " | ".join(str(v) for v in row) + " |"
                 for row in text.itertuples(index=False)]
-        return "\n".join([head, rule, *body, "", *(f"{line}  " for line in notes(table))])
-    return text.to_string(index=False) + "\n\n" + "\n".join(notes(table))
+        lines = notes(table) + ([warning] if warning else [])
+        return "\n".join([head, rule, *body, "", *(f"{line}  " for line in lines)])
+    return (text.to_string(index=False) + "\n\n"
+            + "\n".join(notes(table) + ([warning] if warning else [])))
 
 
 def compare(frames: Sequence[pd.DataFrame], names: Sequence[str]) -> pd.DataFrame:
@@ -290,7 +248,7 @@ def format_memory_summary(frame: pd.DataFrame) -> str:
         rows.append({
             "engine": engine_label(r), "model": model_label(r),
             "private": "yes" if r["private"] else "no",
-            "cap": "-" if _isnan(limit) else _bytes(limit),
+            "cap": "-" if missing(limit) else _bytes(limit),
             "how": "predicted" if r.get("predict_only") else "measured",
             "status": r["status"],
             "max batch": r.get("max_batch_size"),
@@ -304,7 +262,7 @@ def format_memory_summary(frame: pd.DataFrame) -> str:
 
 
 def _bytes(value: Any) -> str:
-    if _isnan(value):
+    if missing(value):
         return "-"
     if value >= 1 << 30:
         return f"{value / (1 << 30):.2f} GiB"
@@ -318,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "folders, also each cell's time in the second divided by the first.")
     parser.add_argument("folders", nargs="+", help="sweep or run folders (searched recursively)")
     parser.add_argument("--format", choices=FORMATS, default="text")
+    parser.add_argument("--cost", action="store_true",
+                        help="also the cost-of-privacy table and the ghost engine's targets")
     args = parser.parse_args(argv)
     frames = []
     for folder in args.folders:
@@ -332,6 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(args.folders) > 1 and args.format == "text":
             print(f"=== {folder}")
         print(format_summary(frame, args.format))
+        if args.cost:
+            cost = format_cost(frame)
+            print("\n=== the cost of privacy (ms per step, throughput) ===\n"
+                  + (cost or "(no ghost rows beside their baselines)"))
         if len(args.folders) > 1:
             print()
     if len(frames) == 2:
@@ -340,7 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.format == "csv":
             print(table.to_csv(index=False).rstrip("\n"))
         elif args.format == "markdown":
-            print(table.to_markdown(index=False) if _has_tabulate() else table.to_string(index=False))
+            print(table.to_markdown(index=False) if _has_tabulate()
+                  else table.to_string(index=False))
         else:
             print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     return 0

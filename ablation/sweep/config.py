@@ -8,26 +8,58 @@ only the frozen dataclasses of :mod:`ablation.measure.settings`. Every invalid v
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 from typing import Any, Mapping
 
 from ablation.core.engines import ENGINES, LOOPS
 from ablation.core.privacy import ACCOUNTANTS, SAMPLINGS
 from ablation.data.samplers import SOURCES
-from ablation.measure.settings import (
-    OPACUS_MODES,
-    REFERENCE_ENGINES,
-    TIMING_MODES,
-    CellConfig,
-    PrivacyConfig,
-    ProbeSettings,
-    TimingConfig,
-)
+from ablation.measure.settings import (ENGINE_MODES, FIXED_BATCH_ENGINES, REFERENCE_ENGINES,
+                                       TIMING_MODES, CellConfig, PrivacyConfig, ProbeSettings,
+                                       TimingConfig)
 from models import MODEL_NAMES
+from models.registry import POOLS, UNROLLS
 
 
 class ConfigError(ValueError):
     """A bad configuration value; the message is one line that names the key."""
+
+
+#: Every key the toolkit reads; anything else (a typo, a stray ``+key=``) is refused.
+KNOWN_KEYS: dict[str, frozenset[str] | None] = {
+    "engine": frozenset({"name", "loop", "mode", "devices", "xla", "microbatch_size"}),
+    "model": frozenset({"name", "unroll", "pool"}),
+    "data": frozenset({"source", "limit", "cache_dir", "download"}),
+    "dp": frozenset(f.name for f in dataclasses.fields(PrivacyConfig)),
+    "optim": frozenset({"lr"}),
+    "train": frozenset({"steps_per_call"}),
+    "timing": frozenset(f.name for f in dataclasses.fields(TimingConfig)),
+    "memory": frozenset(f.name for f in dataclasses.fields(ProbeSettings)),
+    "paths": frozenset({"output_dir"}),
+    "batch_size": None, "private": None, "epochs": None, "seed": None, "resume": None,
+}
+
+
+def check_known_keys(cfg: Mapping[str, Any]) -> None:
+    """Refuse any key the toolkit does not read, naming the nearest valid one."""
+    for key, value in cfg.items():
+        if key == "hydra":
+            continue
+        if key not in KNOWN_KEYS:
+            _unknown(key, list(KNOWN_KEYS))
+        allowed = KNOWN_KEYS[key]
+        if allowed is not None and isinstance(value, Mapping):
+            for sub in value:
+                if sub not in allowed:
+                    _unknown(f"{key}.{sub}", [f"{key}.{a}" for a in sorted(allowed)])
+
+
+def _unknown(key: str, valid: list[str]) -> None:
+    near = difflib.get_close_matches(key, valid, n=1)
+    hint = f"did you mean {near[0]!r}?" if near else f"valid keys: {', '.join(valid)}"
+    raise ConfigError(f"unknown config key {key!r}; {hint}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,6 +106,7 @@ def _get(d: Mapping[str, Any], key: str, default: Any) -> Any:
 
 def cell_from_dict(cfg: Mapping[str, Any]) -> CellConfig:
     """Validate a resolved config (the Hydra tree as plain dicts) into a :class:`CellConfig`."""
+    check_known_keys(cfg)
     engine = _get(cfg, "engine", {}) or {}
     model = _get(cfg, "model", {}) or {}
     data = _get(cfg, "data", {}) or {}
@@ -83,8 +116,30 @@ def cell_from_dict(cfg: Mapping[str, Any]) -> CellConfig:
 
     engine_name = _choice(engine.get("name", "both"), "engine", tuple(ENGINES) + REFERENCE_ENGINES)
     mode = engine.get("mode")
-    if engine_name == "opacus":
-        mode = _choice(mode or "hooks", "engine.mode", OPACUS_MODES)
+    if engine_name in ENGINE_MODES:
+        mode = _choice(mode or ENGINE_MODES[engine_name][0], "engine.mode",
+                       ENGINE_MODES[engine_name])
+    else:
+        mode = None
+    # Options that only some engines read: set for another engine they would change the
+    # config's identity but not what runs, so they are refused.
+    if engine.get("xla") and engine_name != "tfp":
+        raise ConfigError(f"engine.xla applies to engine=tfp only, not engine={engine_name}")
+    if (engine.get("loop") or "dispatch") != "dispatch" and engine_name != "jit":
+        raise ConfigError(f"engine.loop applies to engine=jit only, not engine={engine_name}")
+    devices = _int(engine.get("devices", 1) or 1, "engine.devices", minimum=1)
+    if devices > 1 and engine_name not in ("both", "ghost"):
+        raise ConfigError(f"engine.devices={devices} needs engine=both or ghost (a compiled, "
+                          f"vectorised step to split over devices), not engine={engine_name}")
+    train = _get(cfg, "train", {}) or {}
+    steps_per_call = _int(train.get("steps_per_call", 1), "train.steps_per_call", minimum=1)
+    if steps_per_call > 1:
+        compiled = (engine_name in ("both", "ghost")
+                    or (engine_name == "jit" and engine.get("loop") in ("unrolled", "scan")))
+        if not compiled:
+            raise ConfigError(f"train.steps_per_call={steps_per_call} needs an engine that "
+                              "compiles the whole step (both, ghost, or jit with engine.loop="
+                              f"unrolled|scan), not engine={engine_name}")
     target = dp.get("target_epsilon")
     epochs = _int(_get(cfg, "epochs", 20), "epochs", minimum=1)
     timing_cfg = TimingConfig(
@@ -118,17 +173,22 @@ def cell_from_dict(cfg: Mapping[str, Any]) -> CellConfig:
             raise ConfigError("dp.accountant=rdp cannot account Poisson batches truncated at the "
                               "padded capacity (its epsilon would not hold); use "
                               "dp.accountant=pld")
-        if engine_name in REFERENCE_ENGINES:
+        if engine_name in FIXED_BATCH_ENGINES:
             raise ConfigError(f"engine={engine_name} trains on shuffled fixed-size batches; "
-                              "dp.sampling=poisson runs the JAX engines only")
+                              "dp.sampling=poisson runs the JAX engines (and jax_privacy) only")
     limit = data.get("limit")
     return CellConfig(
         engine=engine_name,
         loop=_choice(engine.get("loop", "dispatch") or "dispatch", "engine.loop", LOOPS),
         engine_mode=mode,
         model=_choice(model.get("name", "ffnn"), "model", MODEL_NAMES),
-        unroll=_choice(model.get("unroll", "dynamic") or "dynamic", "model.unroll",
-                       ("static", "dynamic")),
+        unroll=_choice(model.get("unroll", "dynamic") or "dynamic", "model.unroll", UNROLLS),
+        pool=_choice(model.get("pool", "fast") or "fast", "model.pool", POOLS),
+        steps_per_call=steps_per_call,
+        devices=devices,
+        xla=_bool(engine.get("xla", False) or False, "engine.xla"),
+        microbatch_size=_int(engine.get("microbatch_size", 16) or 16, "engine.microbatch_size",
+                             minimum=1),
         data=_choice(data.get("source", "synthetic"), "data", SOURCES),
         data_limit=None if limit is None else _int(limit, "data.limit", minimum=1),
         data_cache_dir=data.get("cache_dir"),

@@ -1,36 +1,30 @@
 """One grid cell as a job: privacy accounting, resume, the worker, and its record.
 
 Hydra-free: the entry points (:mod:`ablation.run`) validate their config into a
-:class:`~ablation.measure.settings.CellConfig` and call :func:`run_timing_job` with the job's folder.
+:class:`~ablation.measure.settings.CellConfig` and call :func:`run_timing_job` with the job's
+folder.
 The parent process never touches the accelerator; all device work happens in the worker.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+import os
+import tempfile
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
 from ablation.core.privacy import PrivacyReport, privacy_report
 from ablation.data.samplers import poisson_capacity
-from ablation.measure.settings import CellConfig
-from ablation.report.records import (
-    RESULT_FILE,
-    SCHEMA,
-    SKIPPED_FILE,
-    config_hash,
-    environment,
-    find_ok_record,
-    machine_identity,
-    now_iso,
-    one_line,
-    read_json,
-    record_identity,
-    write_json,
-)
+from ablation.measure.settings import REFERENCE_ENGINES, CellConfig
+from ablation.report.records import (REPO_ROOT, RESULT_FILE, SCHEMA, SKIPPED_FILE, config_hash,
+                                     environment, find_ok_record, machine_identity, now_iso,
+                                     one_line, read_json, record_identity, write_json)
 from ablation.sweep.failures import CRASH
-from ablation.sweep.launch import run_worker
+from ablation.sweep.launch import Terminated, run_worker
 from models import get_model
 
 #: Measurement fields every timing record has (null until measured).
@@ -38,7 +32,7 @@ MEASUREMENT_FIELDS = (
     "n_params", "n_train", "steps_per_epoch", "compile_s", "first_step_s", "step_times_s",
     "median_step_s", "iqr_step_s", "throughput_step_s", "throughput_steps",
     "throughput_bursts_s", "epoch_times_s", "first_epoch_s", "median_epoch_s",
-    "epoch_estimated", "steps_timed", "steps_run", "inputs_reused", "n_compiles",
+    "epoch_estimated", "steps_timed", "steps_run", "inputs_reused", "noise_step_s", "n_compiles",
     "compiled_functions", "loss_start", "loss_end", "test_accuracy", "device_peak_bytes")
 
 
@@ -58,7 +52,7 @@ def privacy_of(cell: CellConfig) -> PrivacyReport | None:
     if not cell.private:
         return None
     n = training_size(cell)
-    capacity = (poisson_capacity(cell.batch_size, n, cell.dp.capacity_sigmas)
+    capacity = (poisson_capacity(cell.batch_size, n, cell.dp.capacity_sigmas, cell.devices)
                 if cell.dp.sampling == "poisson" else None)
     return _cached_privacy(noise_multiplier=cell.dp.noise_multiplier, batch_size=cell.batch_size,
                            n_train=n, epochs=cell.epochs, delta=cell.dp.delta,
@@ -89,8 +83,15 @@ def base_record(cell: CellConfig, config: Mapping[str, Any], kind: str,
     return {
         "schema": SCHEMA, "kind": kind, "status": None, "error": None,
         "engine": cell.engine, "loop": cell.loop if cell.engine == "jit" else None,
-        "engine_mode": cell.engine_mode, "model": cell.model,
+        "engine_mode": cell.engine_mode, "xla": cell.xla if cell.engine == "tfp" else None,
+        "microbatch_size": (cell.microbatch_size if cell.engine == "jax_privacy"
+                            and cell.engine_mode == "microbatch" else None),
+        "model": cell.model,
         "unroll": cell.unroll if cell.model == "lstm" else None,
+        "pool": cell.pool if cell.model == "cnn" else None,
+        "steps_per_call": cell.steps_per_call, "devices": cell.devices,
+        "sharding": (f"batch split over {cell.devices} devices (shard_map, psum of clipped sums)"
+                     if cell.devices > 1 else None),
         "dataset": model.dataset.name, "data": cell.data, "batch_size": cell.batch_size,
         "private": cell.private, "clip_norm": cell.dp.clip_norm, "lr": cell.lr,
         "seed": cell.seed, "epochs": cell.epochs, "timing_mode": cell.timing.mode,
@@ -100,16 +101,17 @@ def base_record(cell: CellConfig, config: Mapping[str, Any], kind: str,
     }
 
 
-@functools.lru_cache(maxsize=8)
-def current_machine(engine: str, probe_dir: str) -> dict[str, Any]:
+@functools.lru_cache(maxsize=16)
+def current_machine(engine: str) -> dict[str, Any]:
     """This machine's identity for ``engine``'s framework, as its records would carry it.
 
     A worker reports the environment (the parent never touches the accelerator), once per
-    framework and sweep.
+    framework and process, in a folder of its own (jobs that run at once never share files).
     """
-    outcome = run_worker({"task": "environment", "engine": engine}, Path(probe_dir),
-                         name="environment", timeout_s=300,
-                         env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
+    with tempfile.TemporaryDirectory(prefix="dpsgd-environment-") as folder:
+        outcome = run_worker({"task": "environment", "engine": engine}, Path(folder),
+                             name="environment", timeout_s=300, python=interpreter_for(engine),
+                             env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
     if outcome.result.get("status") != "ok":
         raise RuntimeError(f"could not query the machine: {outcome.result.get('error')}")
     return machine_identity(outcome.result["env"], engine)
@@ -117,40 +119,52 @@ def current_machine(engine: str, probe_dir: str) -> dict[str, Any]:
 
 def skip_if_done(record: Mapping[str, Any], job_dir: Path, resume_root: Path) -> dict | None:
     """With ``resume=true``: the newest earlier ok record of this cell on this machine and
-    code (outside committed ``reference`` folders), after leaving a pointer to it."""
-    machine = current_machine(record["engine"], str(job_dir.parent))
-    found = find_ok_record(resume_root, record["config_hash"], record["kind"], machine)
+    code (outside committed ``reference`` folders), after leaving a pointer to it. Where the
+    machine cannot be asked (a framework's environment is missing), nothing is reused."""
+    try:
+        machine = current_machine(record["engine"])
+    except (RuntimeError, ValueError) as error:
+        print(f"[resume] not reusing anything for {record['engine']}: {one_line(error)}",
+              flush=True)
+        return None
+    found = find_ok_record(resume_root, record["config_hash"], record["kind"], machine,
+                           record.get("concurrent_cells") or 1)
     if found is None:
         return None
+    # Relative to the pointer, so a moved or synced outputs/ folder keeps its links.
+    target = os.path.relpath(found.resolve(), job_dir.resolve())
     write_json(job_dir / SKIPPED_FILE, {"schema": SCHEMA, "config_hash": record["config_hash"],
-                                        "record": str(found.resolve())})
+                                        "record": target})
     print(f"[resume] skipped: this cell already ran on this machine and code: {found}",
           flush=True)
     return read_json(found)
 
 
 def open_job(cell: CellConfig, config: Mapping[str, Any], kind: str, job_dir: str | Path,
-             resume: bool, resume_root: str | Path, experiment: str | None = None
-             ) -> tuple[Path, dict[str, Any], dict | None]:
-    """The job's folder (created), its base record, and with ``resume`` the earlier ok record
-    of the same cell, machine and code if there is one (then the job is done)."""
+             resume: bool, resume_root: str | Path, experiment: str | None = None,
+             **fields: Any) -> tuple[Path, dict[str, Any], dict | None]:
+    """The job's folder (created), its base record (with ``fields``), and with ``resume`` the
+    earlier ok record of the same cell, machine and code if there is one (then the job is
+    done)."""
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
-    record = base_record(cell, config, kind, experiment)
+    record = {**base_record(cell, config, kind, experiment), **fields}
     done = skip_if_done(record, job_dir, Path(resume_root)) if resume else None
     return job_dir, record, done
 
 
 def run_timing_job(cell: CellConfig, config: Mapping[str, Any], job_dir: str | Path, *,
                    resume: bool = False, resume_root: str | Path = "outputs",
-                   experiment: str | None = None) -> dict[str, Any]:
+                   experiment: str | None = None, launcher: str = "basic",
+                   concurrent_cells: int = 1) -> dict[str, Any]:
     """Time one cell in a fresh worker process and write ``result.json`` into ``job_dir``.
 
     A cell that fails (exception, out of memory, timeout, an accounting failure) still gets
     its record, with the status and a one-line error. Returns the record.
     """
     job_dir, record, done = open_job(cell, config, "timing", job_dir, resume, resume_root,
-                                     experiment)
+                                     experiment, launcher=launcher,
+                                     concurrent_cells=concurrent_cells)
     if done is not None:
         return done
     record.update({key: None for key in MEASUREMENT_FIELDS if key not in record})
@@ -164,12 +178,38 @@ def run_timing_job(cell: CellConfig, config: Mapping[str, Any], job_dir: str | P
         error = fetch_real_data(cell)
         if error:
             record.update(status="error", error=error)
+    python = None
     if record["status"] is None:
+        try:
+            python = interpreter_for(cell.engine)
+        except ValueError as error:
+            record.update(status="error", error=one_line(error))
+    if record["status"] is None:
+        if cell.engine == "opacus" and cell.private:
+            note_once("[note] Opacus rows run with Opacus' secure RNG off (its default, as in the "
+                      "paper): fine for timing, not for real private training")
         sigma = report.noise_multiplier if report else cell.dp.noise_multiplier
-        outcome = run_worker({"task": "timing", "cell": cell.to_dict(), "noise_multiplier": sigma},
-                             job_dir, timeout_s=cell.timing.timeout_s)
+        started = time.perf_counter()
+        spec = {"task": "timing", "cell": cell.to_dict(), "noise_multiplier": sigma,
+                "dataset": dataclasses.asdict(get_model(cell.model).dataset)}
+        try:
+            outcome = run_worker(spec, job_dir, timeout_s=cell.timing.timeout_s, python=python)
+        except (Terminated, KeyboardInterrupt) as stop:
+            # Stopped from outside (a scheduler's time limit or preemption, kill, Ctrl-C): the
+            # cell still gets its record, so a resumed sweep knows to run it again.
+            why = getattr(stop, "signal_name", "SIGINT")
+            record.update(status="timeout" if why == "SIGTERM" else "error",
+                          error=f"stopped by {why} after {time.perf_counter() - started:.0f} s "
+                                "(a scheduler's limit or preemption, kill, or Ctrl-C)",
+                          wall_s=time.perf_counter() - started,
+                          env=record.get("env") or environment(devices=False))
+            finish(record, job_dir)
+            print(describe(record), flush=True)
+            raise
         record.update(outcome.result)
         record["wall_s"] = outcome.wall_s
+        if report is not None and record.get("env"):  # epsilon is accounted here, not there
+            record["env"] = {**record["env"], "dp_accounting": _version("dp-accounting")}
     if not record.get("env"):
         record["env"] = environment(devices=False)
     finish(record, job_dir)
@@ -177,11 +217,46 @@ def run_timing_job(cell: CellConfig, config: Mapping[str, Any], job_dir: str | P
     return record
 
 
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def finish(record: dict[str, Any], job_dir: Path) -> None:
     """Stamp the record (finish time, identity) and write ``result.json``."""
     record["finished_at"] = now_iso()
     record["identity"] = record_identity(record)
     write_json(job_dir / RESULT_FILE, record)
+
+
+#: Engines whose worker runs in an environment of its own (pins that conflict with ours).
+OWN_ENVIRONMENTS = {"tfp": ("DPSGD_TF_PYTHON", ".venv-tf", "make tf")}
+
+
+def interpreter_for(engine: str) -> str | None:
+    """The Python that runs ``engine``'s worker: None for ours, else its own environment's
+    (``$DPSGD_TF_PYTHON`` or ``.venv-tf/bin/python`` for TF Privacy).
+
+    Raises:
+      ValueError: that environment does not exist (with the command that makes it).
+    """
+    if engine not in OWN_ENVIRONMENTS:
+        return None
+    variable, folder, command = OWN_ENVIRONMENTS[engine]
+    python = os.environ.get(variable) or str(REPO_ROOT / folder / "bin" / "python")
+    if not Path(python).exists():
+        raise ValueError(f"engine={engine} runs in its own environment, {python} is missing: "
+                         f"`{command}` makes it (or set ${variable})")
+    return python
+
+
+@functools.lru_cache(maxsize=None)
+def note_once(text: str) -> None:
+    """Print a note once per process (per sweep)."""
+    print(text, flush=True)
 
 
 def fetch_real_data(cell: CellConfig) -> str | None:
@@ -196,8 +271,8 @@ def fetch_real_data(cell: CellConfig) -> str | None:
 
 def describe(record: Mapping[str, Any]) -> str:
     """One line per finished cell."""
-    engine = record["engine"] + (f"[{record['loop']}]" if record.get("loop") not in (None, "dispatch")
-                                 else "")
+    loop = record.get("loop")
+    engine = record["engine"] + (f"[{loop}]" if loop not in (None, "dispatch") else "")
     head = (f"[{record['status']}] {engine} {record['model']} B={record['batch_size']} "
             f"{'private' if record['private'] else 'non-private'}")
     if record["status"] != "ok":
@@ -249,6 +324,12 @@ def _describe_try(cell: CellConfig, t: Any) -> str:
     return f"[memory] {cell.engine} {cell.model} B={t.batch_size}: " + ", ".join(parts)
 
 
+#: The smallest cap a probe accepts (GPU, CPU): XLA's GPU client reserves workspace for cuBLAS
+#: and cuDNN before the first buffer; on the CPU the parameters, optimizer state and one example
+#: of the smallest model (logreg) already take tens of KiB, and a step's temporaries more.
+MIN_CAP_BYTES = (64 << 20, 1 << 20)
+
+
 def cap_plan(info: Mapping[str, Any], limit: int | None, predict_only: bool
              ) -> tuple[dict[str, str], str | None]:
     """How a cap is applied on this device: the worker's environment and what it limits.
@@ -257,8 +338,13 @@ def cap_plan(info: Mapping[str, Any], limit: int | None, predict_only: bool
       ValueError: a cap that cannot be enforced or exceeds the device, before any try runs.
     """
     total = info.get("total_bytes")
+    floor = MIN_CAP_BYTES[info["platform"] == "cpu"]
+    if limit is not None and limit < floor:
+        raise ValueError(f"memory.limit_gb={limit / (1 << 30):.3g} ({format_bytes(limit)}) is "
+                         f"below the {format_bytes(floor)} the {info['platform']} runtime needs "
+                         "for itself; nothing could be measured under it")
     if limit is not None and total is not None and limit > total:
-        raise ValueError(f"memory.limit_gb={limit / (1 << 30):g} exceeds this {info['platform']} "
+        raise ValueError(f"memory.limit_gb={limit / (1 << 30):.3g} exceeds this {info['platform']} "
                          f"device's {total / (1 << 30):.1f} GiB")
     if limit is None:
         return ({} if info["platform"] == "cpu" else {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
@@ -307,12 +393,14 @@ def run_memory_job(cell: CellConfig, settings: Any, config: Mapping[str, Any],
     last_env: dict[str, Any] = {}
 
     def run_try(batch_size: int, capped: bool, name: str) -> tuple[dict[str, Any], float]:
+        # JAX on a GPU gets its cap from XLA's allocator (the env); PyTorch caps itself.
+        torch_try = cell.engine in REFERENCE_ENGINES
         spec = {"task": "memory_try", "cell": cell.to_dict(), "noise_multiplier": sigma,
                 "batch_size": batch_size, "predict_only": settings.predict_only,
                 "n_train": training_size(cell),
-                "cap_bytes": limit if capped and on_cpu else None}
+                "cap_bytes": limit if capped and (on_cpu or torch_try) else None}
         outcome = run_worker(spec, job_dir, name=name, env=env if capped else uncapped_env,
-                             timeout_s=settings.timeout_s, memory_capped=capped)
+                             timeout_s=settings.timeout_s, memory_capped=capped, quiet=True)
         last_env.update(outcome.result.get("env") or {})
         return outcome.result, outcome.wall_s
 
@@ -333,9 +421,24 @@ def run_memory_job(cell: CellConfig, settings: Any, config: Mapping[str, Any],
             elif t.predicted_bytes > limit:
                 t.status, t.error = "oom", "predicted peak exceeds the cap"
         print(_describe_try(cell, t), flush=True)
+        done_tries.append(t)
         return t
 
-    outcome = search(try_size, settings)
+    done_tries: list[Try] = []
+    started = time.perf_counter()
+    try:
+        outcome = search(try_size, settings)
+    except (Terminated, KeyboardInterrupt) as stop:
+        # Stopped from outside: the probe still leaves its record, with the tries so far.
+        why = getattr(stop, "signal_name", "SIGINT")
+        record.update(status="timeout" if why == "SIGTERM" else "error",
+                      error=f"stopped by {why} after {time.perf_counter() - started:.0f} s",
+                      tried=[t.as_dict() for t in done_tries], limit_bytes=limit,
+                      cap_enforced=cap_enforced, predict_only=settings.predict_only,
+                      max_batch_size=None, device=info,
+                      env=last_env or environment(devices=False))
+        finish(record, job_dir)
+        raise
     tried = [t.as_dict() for t in outcome["tried"]]
     # Without running (predict_only) the search's answer is the prediction; otherwise the
     # predictions of every try, those that failed included, are solved for the cap.
@@ -366,15 +469,19 @@ def _verify(limited: dict[str, Any], unlimited: dict[str, Any], limit: int
     measured peak above the cap). Otherwise the failure is an error, whatever killed it.
     """
     why = limited.get("error") or limited.get("status")
-    if unlimited.get("status") == "ok":
-        peak = unlimited.get("peak_bytes")
-        if peak is None or peak > limit or unlimited.get("peak_scope") != "step":
+    if unlimited.get("status") == "ok" and unlimited.get("peak_bytes") is not None:
+        peak = unlimited["peak_bytes"]
+        if peak > limit:
             shown = "" if peak is None else f" (peak {format_bytes(peak)})"
             return ({**unlimited, "status": "oom",
                      "error": f"{why}; runs without the limit{shown}"}, "runs without the limit")
         return ({**limited, "status": "error",
                  "error": f"{why}; without the limit it runs within the cap"},
                 "runs within the cap without the limit")
+    if unlimited.get("status") == "ok":
+        return ({**limited, "status": "error",
+                 "error": f"{why}; runs without the limit but its peak is unknown"},
+                "runs without the limit, peak unknown")
     return ({**limited, "status": "error",
              "error": f"{why}; also fails without the limit: {unlimited.get('error')}"},
             "fails without the limit too")

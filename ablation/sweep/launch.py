@@ -28,10 +28,13 @@ class ChildOutcome:
 
 
 def run_process(argv: list[str], *, timeout_s: float, env: Mapping[str, str] | None = None,
-                memory_capped: bool = False, out_path: Path | None = None) -> ChildOutcome:
+                memory_capped: bool = False, out_path: Path | None = None,
+                log_path: Path | None = None) -> ChildOutcome:
     """Run ``argv`` in its own process group, wait at most ``timeout_s``, read ``out_path``.
 
-    The child inherits stdout/stderr (its progress bar shows live). On timeout its whole
+    The child inherits stdout/stderr (its progress bar shows live), or with ``log_path`` writes
+    both there (a memory try that runs out of memory on purpose prints allocator noise that
+    belongs in its log, not on the console). On timeout its whole
     process group is killed and the result says ``timeout``; a child that ends without writing
     ``out_path`` gets a status from its exit (:func:`ablation.sweep.failures.status_of_exit`), where
     ``memory_capped`` says it ran under a memory cap (death by signal then means out of memory).
@@ -45,8 +48,12 @@ def run_process(argv: list[str], *, timeout_s: float, env: Mapping[str, str] | N
     if out_path is not None:
         out_path.unlink(missing_ok=True)
     start = time.perf_counter()
-    with _sigterm_raises():
-        proc = subprocess.Popen(argv, env=child_env, start_new_session=True)
+    log = open(log_path, "w") if log_path is not None else None  # noqa: SIM115 - closed below
+    with _sigterm_raises(), contextlib.ExitStack() as stack:
+        if log is not None:
+            stack.enter_context(log)
+        proc = subprocess.Popen(argv, env=child_env, start_new_session=True, stdout=log,
+                                stderr=log)
         timed_out = False
         try:
             returncode = proc.wait(timeout=timeout_s)
@@ -72,8 +79,10 @@ def run_process(argv: list[str], *, timeout_s: float, env: Mapping[str, str] | N
 
 def run_worker(spec: Mapping[str, Any], workdir: str | os.PathLike, *, timeout_s: float,
                name: str = "cell", env: Mapping[str, str] | None = None,
-               memory_capped: bool = False) -> ChildOutcome:
-    """Run ``python -m ablation.sweep.worker`` on ``spec`` in ``workdir`` (see :func:`run_process`).
+               memory_capped: bool = False, quiet: bool = False,
+               python: str | None = None) -> ChildOutcome:
+    """Run ``python -m ablation.sweep.worker`` on ``spec`` in ``workdir`` (see :func:`run_process`),
+    with ``python`` as the interpreter when a framework runs in an environment of its own.
 
     The worker may report fields before it finishes into ``spec["partial_path"]``; they are
     merged into the result under whatever the worker wrote at the end.
@@ -84,9 +93,10 @@ def run_worker(spec: Mapping[str, Any], workdir: str | os.PathLike, *, timeout_s
     spec_path = write_json(workdir / f"{name}.spec.json",
                            {**spec, "partial_path": str(partial_path)})
     out_path = workdir / f"{name}.out.json"
-    outcome = run_process([sys.executable, "-m", "ablation.sweep.worker", str(spec_path),
+    outcome = run_process([python or sys.executable, "-m", "ablation.sweep.worker", str(spec_path),
                            str(out_path)], timeout_s=timeout_s, env=env,
-                          memory_capped=memory_capped, out_path=out_path)
+                          memory_capped=memory_capped, out_path=out_path,
+                          log_path=workdir / f"{name}.log" if quiet else None)
     if partial_path.exists():
         # What the task reported before it ended (a memory try's prediction), kept also when
         # the child then died; its final result, where it wrote one, has the last word.
@@ -96,9 +106,18 @@ def run_worker(spec: Mapping[str, Any], workdir: str | os.PathLike, *, timeout_s
     return outcome
 
 
+class Terminated(SystemExit):
+    """The sweep was told to stop (SIGTERM from ``kill``, ``timeout`` or a batch scheduler's
+    time limit or preemption) while a cell ran; ``signal_name`` says which signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signal_name = signal.Signals(signum).name
+
+
 @contextlib.contextmanager
 def _sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into ``SystemExit`` while a child runs, so that ``timeout``, a batch
+    """Turn SIGTERM into :class:`Terminated` while a child runs, so that ``timeout``, a batch
     scheduler or ``kill`` stopping the sweep also stops the child, which lives in its own
     session and would otherwise keep the accelerator busy after its parent is gone."""
     if threading.current_thread() is not threading.main_thread():
@@ -106,7 +125,7 @@ def _sigterm_raises() -> Iterator[None]:
         return
 
     def _raise(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
+        raise Terminated(signum)
 
     previous = signal.signal(signal.SIGTERM, _raise)
     try:

@@ -14,8 +14,12 @@ from typing import Any, Callable
 
 
 def _isolate_jax() -> None:
-    """No persistent compilation cache: every cell pays (and reports) its own compile."""
-    import jax
+    """No persistent compilation cache: every cell pays (and reports) its own compile.
+    (A worker of another framework's environment has no JAX: nothing to isolate.)"""
+    try:
+        import jax
+    except ImportError:
+        return
     for option, value in (("jax_enable_compilation_cache", False),):
         try:
             jax.config.update(option, value)
@@ -36,51 +40,87 @@ def run_task(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _timing(spec: dict[str, Any]) -> dict[str, Any]:
+    """Time one cell with its framework's timing (each imported only when it runs)."""
     from ablation.measure.settings import cell_from_plain
     cell = cell_from_plain(spec["cell"])
+    sigma = spec["noise_multiplier"]
     if cell.engine == "opacus":
         from ablation.reference.opacus import time_cell_torch
-        return time_cell_torch(cell, spec["noise_multiplier"])
+        return time_cell_torch(cell, sigma)
+    if cell.engine == "backpack":
+        from ablation.reference.backpack import time_cell_backpack
+        return time_cell_backpack(cell, sigma)
+    if cell.engine == "pyvacy":
+        from ablation.reference.pyvacy import time_cell_pyvacy
+        return time_cell_pyvacy(cell, sigma)
+    if cell.engine == "tfp":
+        from ablation.reference.tfp import time_cell_tfp
+        return time_cell_tfp(cell, sigma, spec["dataset"])
+    if cell.engine == "jax_privacy":
+        from ablation.reference.jax_privacy import time_cell_jax_privacy
+        return time_cell_jax_privacy(cell, sigma)
     from ablation.measure.timing import time_cell
-    return time_cell(cell, spec["noise_multiplier"])
+    return time_cell(cell, sigma)
 
 
 def _memory_try(spec: dict[str, Any]) -> dict[str, Any]:
+    from ablation.measure.settings import REFERENCE_ENGINES, cell_from_plain
+    from ablation.report.records import write_json
+    cell = cell_from_plain(spec["cell"])
+    if cell.engine in REFERENCE_ENGINES and cell.engine != "opacus":
+        raise ValueError(f"the memory probe measures the JAX engines and Opacus, not "
+                         f"engine={cell.engine}")
+    if cell.engine in REFERENCE_ENGINES:
+        if spec.get("predict_only"):
+            raise ValueError("memory.predict_only needs a jit engine (both, jit or ghost)")
+        from ablation.reference.opacus import try_batch_torch
+        return try_batch_torch(cell, spec["noise_multiplier"], spec["batch_size"],
+                               cap_bytes=spec.get("cap_bytes"))
     import jax
     try:  # synchronous dispatch: an allocation failure surfaces where it happens, as itself
         jax.config.update("jax_cpu_enable_async_dispatch", False)
     except (AttributeError, KeyError, ValueError):
         pass
     from ablation.measure.probe import try_batch
-    from ablation.measure.settings import cell_from_plain
-    from ablation.report.records import write_json
     partial = spec.get("partial_path")
 
     def on_predicted(predicted_bytes: int) -> None:
         if partial:
             write_json(partial, {"predicted_bytes": predicted_bytes})
 
-    return try_batch(cell_from_plain(spec["cell"]), spec["noise_multiplier"],
-                     spec["batch_size"], predict_only=spec.get("predict_only", False),
+    return try_batch(cell, spec["noise_multiplier"], spec["batch_size"],
+                     predict_only=spec.get("predict_only", False),
                      cap_bytes=spec.get("cap_bytes"), n_train=spec.get("n_train"),
                      on_predicted=on_predicted)
 
 
 def _environment(spec: dict[str, Any]) -> dict[str, Any]:
     """The ``env`` a record of ``spec["engine"]`` would carry on this machine (for resume)."""
-    from ablation.measure.settings import REFERENCE_ENGINES
-    if spec.get("engine") in REFERENCE_ENGINES:
-        from ablation.reference.opacus import environment_torch, torch_device
-        return {"env": environment_torch(torch_device())}
+    from importlib.metadata import version
+    engine = spec.get("engine")
+    if engine == "tfp":
+        from ablation.reference.tfp import environment_tf
+        return {"env": environment_tf()}
+    if engine in ("opacus", "backpack", "pyvacy"):
+        from ablation.reference.torch_nets import environment_torch, torch_device
+        extra = {"opacus": {"opacus": version("opacus")},
+                 "backpack": {"backpack": version("backpack-for-pytorch")},
+                 "pyvacy": {"pyvacy": None}}[engine]
+        return {"env": environment_torch(torch_device(), **extra)}
     from ablation.report.records import environment
-    return {"env": environment()}
+    env = environment()
+    if engine == "jax_privacy":
+        env["jax_privacy"] = version("jax-privacy")
+    return {"env": env}
 
 
 def _expected(error: BaseException) -> bool:
-    """Errors whose message says it all (bad input, missing data, out of memory): no traceback."""
+    """Errors whose message says it all (bad input, missing data, a framework that is not
+    installed, out of memory): no traceback."""
     from ablation.data.datasets import DatasetUnavailable
     from ablation.sweep.failures import is_out_of_memory
-    return isinstance(error, (DatasetUnavailable, ValueError)) or is_out_of_memory(error)
+    return (isinstance(error, (DatasetUnavailable, ValueError, ImportError))
+            or is_out_of_memory(error))
 
 
 def _device_info(spec: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,236 @@
+"""Reference rows: TensorFlow Privacy's DP-Keras SGD, the paper's four TensorFlow rows.
+
+``engine=tfp`` trains Keras twins of the paper's six models with
+``VectorizedDPKerasSGDOptimizer`` (``engine.mode=vectorized``, default) or
+``DPKerasSGDOptimizer`` (``engine.mode=loop``: per-example gradients in a loop), with XLA
+(``engine.xla=true``: ``jit_compile``) or without: the paper's TF2 rows. Clipping to the global
+norm C of each example, noise σ·C on the sum, divided by the batch size: the JAX engines'
+DP-SGD. ``private=false`` is plain Keras SGD.
+
+TensorFlow Privacy 0.9 pins dp-accounting 0.4.3 and numpy 1.x (and Python < 3.12), so these rows
+run in an environment of their own, ``.venv-tf`` (``make tf``: tensorflow 2.15.1 and
+tensorflow-privacy 0.9.0), which the sweep's worker process uses as its interpreter. This module
+therefore imports neither JAX nor PyTorch; the timing protocol is the shared one
+(:mod:`ablation.measure.clock`). ``train_on_batch`` returns the loss, so every TensorFlow step
+is synchronised: its throughput is its latency. Tracing and XLA compilation happen in the first
+step (``first_step_s``); ``compile_s`` stays null.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+try:
+    import tensorflow as tf
+    # tensorflow_privacy's package init imports its v1 estimators; the optimizers are enough.
+    sys.skip_tf_privacy_import = True  # type: ignore[attr-defined]
+    from tensorflow_privacy.privacy.optimizers.dp_optimizer_keras import DPKerasSGDOptimizer
+    from tensorflow_privacy.privacy.optimizers.dp_optimizer_keras_vectorized import (
+                                                                                     VectorizedDPKerasSGDOptimizer)
+except ImportError as _error:  # pragma: no cover - exercised outside .venv-tf
+    raise ImportError("engine=tfp needs the TensorFlow Privacy environment: make tf (creates "
+                      ".venv-tf with tensorflow 2.15.1 and tensorflow-privacy 0.9.0)") from _error
+
+from ablation.measure.clock import PreparedClock, run_timing_loop
+from ablation.measure.settings import CellConfig
+
+keras = tf.keras
+layers = keras.layers
+MODES = ("vectorized", "loop")
+VOCAB_ROWS = 10_004
+
+
+def build(name: str) -> keras.Model:
+    """The Keras twin of the JAX model ``name`` (NHWC images, as the Haiku models)."""
+    def seq(shape, *stack):
+        return keras.Sequential([keras.Input(shape), *stack])
+
+    if name == "logreg":
+        return seq((104,), layers.Dense(1))
+    if name == "ffnn":
+        return seq((104,), layers.Dense(50, activation="relu"), layers.Dense(2))
+    if name == "cnn":
+        return seq((28, 28, 1),
+                   layers.Conv2D(16, 8, strides=2, padding="same", activation="relu"),
+                   layers.MaxPool2D(2, 1),
+                   layers.Conv2D(32, 4, strides=2, padding="valid", activation="relu"),
+                   layers.MaxPool2D(2, 1), layers.Flatten(),
+                   layers.Dense(32, activation="relu"), layers.Dense(10))
+    if name == "embed":
+        return seq((256,), layers.Embedding(VOCAB_ROWS, 16), layers.GlobalAveragePooling1D(),
+                   layers.Dense(16, activation="relu"), layers.Dense(2))
+    if name == "lstm":
+        return seq((256,), layers.Embedding(VOCAB_ROWS, 100),
+                   layers.LSTM(100, return_sequences=True), layers.GlobalAveragePooling1D(),
+                   layers.Dense(2))
+    if name == "cifar10":
+        stack: list[Any] = []
+        for widths in ((32, 32), (64, 64), (128, 128)):
+            stack += [layers.Conv2D(w, 3, padding="same", activation="relu") for w in widths]
+            stack.append(layers.AveragePooling2D(2, 2))
+        stack += [layers.Conv2D(256, 3, padding="same", activation="relu"),
+                  layers.Conv2D(10, 3, padding="same"), layers.GlobalAveragePooling2D()]
+        return seq((32, 32, 3), *stack)
+    raise ValueError(f"unknown model {name!r}")
+
+
+def _gates(a: np.ndarray) -> np.ndarray:
+    """Haiku's LSTM gate blocks (i, g, f, o) in Keras' order (i, f, c, o) along the last axis."""
+    i, g, f, o = np.split(a, 4, axis=-1)
+    return np.concatenate([i, f, g, o], axis=-1)
+
+
+def haiku_weights(name: str, params: Mapping[str, Mapping[str, np.ndarray]]) -> list[np.ndarray]:
+    """Haiku parameters as the twin's ``get_weights()`` list (Keras kernels are ``[in, out]``
+    and HWIO, like Haiku's; the LSTM's ``[x, h]`` map splits into kernel and recurrent kernel,
+    its forget-gate offset of +1 moves into the bias)."""
+    if name == "lstm":
+        w, b = np.asarray(params["lstm/linear"]["w"]), np.asarray(params["lstm/linear"]["b"])
+        bias = _gates(b).copy()
+        bias[100:200] += 1.0
+        return [np.asarray(params["embed"]["embeddings"]), _gates(w[:100]), _gates(w[100:]), bias,
+                np.asarray(params["linear"]["w"]), np.asarray(params["linear"]["b"])]
+    out = []
+    for group in params.values():  # creation order: the twin's layer order
+        if "embeddings" in group:
+            out.append(np.asarray(group["embeddings"]))
+        else:
+            out += [np.asarray(group["w"]), np.asarray(group["b"])]
+    return out
+
+
+def per_example_loss(name: str) -> keras.losses.Loss:
+    """The loss of each example (``reduction=NONE``: what the DP optimizers clip)."""
+    if name == "logreg":
+        return keras.losses.BinaryCrossentropy(from_logits=True,
+                                               reduction=keras.losses.Reduction.NONE)
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                      reduction=keras.losses.Reduction.NONE)
+
+
+def labels_for(name: str, y: np.ndarray) -> np.ndarray:
+    return y.astype(np.float32)[:, None] if name == "logreg" else y
+
+
+def make_optimizer(*, mode: str, private: bool, lr: float, clip_norm: float,
+                   noise_multiplier: float, batch_size: int):
+    """TF Privacy's DP-Keras SGD (per-example microbatches), or plain SGD without privacy."""
+    if not private:
+        return keras.optimizers.SGD(learning_rate=lr)
+    if mode not in MODES:
+        raise ValueError(f"engine.mode for tfp must be one of {', '.join(MODES)}, got {mode!r}")
+    cls = VectorizedDPKerasSGDOptimizer if mode == "vectorized" else DPKerasSGDOptimizer
+    return cls(l2_norm_clip=clip_norm, noise_multiplier=noise_multiplier,
+               num_microbatches=batch_size, learning_rate=lr)
+
+
+def clipped_grad_sum(name: str, params: Mapping[str, Any], x: np.ndarray, y: np.ndarray,
+                     clip_norm: float, mode: str = "vectorized") -> list[np.ndarray]:
+    """TF Privacy's sum of per-example gradients clipped to ``clip_norm`` (σ = 0), in the
+    twin's weight order: the cross-framework oracle against :func:`ablation.clipped_grad_sum`."""
+    model = build(name)
+    model.set_weights(haiku_weights(name, params))
+    optimizer = make_optimizer(mode=mode, private=True, lr=0.0, clip_norm=clip_norm,
+                               noise_multiplier=0.0, batch_size=len(x))
+    loss = per_example_loss(name)
+    labels = labels_for(name, y)
+    grads = optimizer._compute_gradients(  # the Keras path: (Σ clip(g_i) + noise) / B
+        lambda: loss(labels, model(x, training=True)), model.trainable_variables)
+    return [g.numpy() * len(x) for g, _ in grads]
+
+
+def environment_tf() -> dict[str, Any]:
+    """The record's ``env`` of a TensorFlow cell: versions and the device TF ran on."""
+    from importlib.metadata import version
+
+    from ablation.report.records import environment
+    env = environment(devices=False)
+    gpus = tf.config.list_physical_devices("GPU")
+    env.update(tensorflow=tf.__version__, tensorflow_privacy=version("tensorflow-privacy"),
+               platform="gpu" if gpus else "cpu",
+               device_kind=(tf.config.experimental.get_device_details(gpus[0]).get("device_name")
+                            if gpus else "cpu"),
+               device_count=max(1, len(gpus)),
+               tf_threads=tf.config.threading.get_intra_op_parallelism_threads())
+    return env
+
+
+def _training_set(cell: CellConfig, dataset: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    if cell.data == "real":
+        from ablation.data import datasets
+        x, y = datasets.load(dataset["name"], cache_dir=cell.data_cache_dir,
+                             download=cell.download)
+    else:
+        n = dataset["n_train"] if cell.data_limit is None else min(cell.data_limit,
+                                                                   dataset["n_train"])
+        rng = np.random.default_rng(cell.seed)
+        shape = (n, *dataset["input_shape"])
+        x = (rng.integers(0, dataset["vocab_size"], shape, dtype=np.int32)
+             if dataset["input_dtype"] == "int32" else rng.random(shape, dtype=np.float32))
+        y = rng.integers(0, dataset["num_classes"], n).astype(np.int32)
+    if cell.data_limit is not None:
+        x, y = x[:cell.data_limit], y[:cell.data_limit]
+    return x, y
+
+
+def time_cell_tfp(cell: CellConfig, noise_multiplier: float,
+                  dataset: Mapping[str, Any]) -> dict[str, Any]:
+    """Time one TF Privacy (or, non-private, plain Keras) cell."""
+    tf.random.set_seed(cell.seed)
+    x, y = _training_set(cell, dataset)
+    n = len(x)
+    if cell.batch_size > n:
+        raise ValueError(f"batch_size {cell.batch_size} exceeds the training set ({n} examples)")
+    mode = cell.engine_mode or "vectorized"
+    model = build(cell.model)
+    optimizer = make_optimizer(mode=mode, private=cell.private, lr=cell.lr,
+                               clip_norm=cell.dp.clip_norm, noise_multiplier=noise_multiplier,
+                               batch_size=cell.batch_size)
+    loss = per_example_loss(cell.model)
+    model.compile(optimizer=optimizer, loss=loss, jit_compile=bool(cell.xla))
+    labels = labels_for(cell.model, y)
+    steps_per_epoch = n // cell.batch_size
+    rng = np.random.default_rng(cell.seed)
+    order = {"epoch": -1, "perm": None}
+
+    def batch(i: int) -> tuple[Any, Any]:
+        epoch, pos = divmod(i, steps_per_epoch)
+        if epoch != order["epoch"]:
+            order["perm"] = rng.permutation(n)
+            order["epoch"] = epoch
+        idx = order["perm"][pos * cell.batch_size:(pos + 1) * cell.batch_size]
+        return tf.constant(x[idx]), tf.constant(labels[idx])
+
+    def eval_loss() -> float:
+        return float(tf.reduce_mean(loss(labels[:1024], model(x[:1024], training=False))))
+
+    loss_start = eval_loss()
+    clock = PreparedClock(batch, lambda inputs: model.train_on_batch(*inputs), lambda: None,
+                          lambda inputs: sum(int(t.numpy().nbytes) for t in inputs))
+    label = f"tfp[{mode}{',xla' if cell.xla else ''}]" if cell.private else "keras"
+    fields = run_timing_loop(clock, cell.timing, steps_per_epoch,
+                             f"{label} {cell.model} B={cell.batch_size}")
+    fields.update(n_params=int(sum(np.prod(w.shape) for w in model.trainable_weights)),
+                  n_train=n, steps_per_epoch=steps_per_epoch, compile_s=None, n_compiles=None,
+                  compiled_functions=None, loss_start=loss_start, loss_end=eval_loss(),
+                  device_peak_bytes=None, env=environment_tf())
+    return fields
+
+
+def weight_order(name: str) -> Sequence[str]:
+    """The twin's weight names, in ``get_weights()`` order (for messages and tests)."""
+    return [w.name for w in build(name).weights]
+
+
+if __name__ == "__main__":  # pragma: no cover - a smoke check inside .venv-tf
+    start = time.perf_counter()
+    for model_name in ("logreg", "ffnn", "cnn", "embed", "lstm", "cifar10"):
+        print(model_name, sum(int(np.prod(w.shape)) for w in build(model_name).weights))
+    print(f"{time.perf_counter() - start:.1f} s")

@@ -1,0 +1,134 @@
+"""Side-by-side benchmark tables: the cost of privacy per engine, and the ghost engine's targets.
+
+Printed after a sweep that holds the rows they compare (``experiment=ghost`` does), and by
+``python -m ablation.summary DIR --cost``. Times are throughput per step (steps dispatched back
+to back); a JAX engine's privacy overhead is its private step ÷ the non-private ``both`` step,
+Opacus' is its private step ÷ plain PyTorch's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+
+from ablation.report.labels import timing_rows
+
+#: Columns of the cost table, in order: (label, engine label, private).
+SYSTEMS = (("both np", "both", False), ("both", "both", True), ("ghost", "ghost", True),
+           ("ghost 2p", "ghost[two_pass]", True), ("pytorch", "opacus", False),
+           ("opacus", "opacus", True), ("opacus ghost", "opacus[ghost]", True))
+JAX_NONPRIVATE, TORCH_NONPRIVATE = "both np", "pytorch"
+
+
+def privacy_cost_table(records: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, batch): ms per step of each system present, and the ratios.
+
+    Columns: model, batch, one ``<system> ms`` per system present, ``ghost best ms`` (the faster
+    ghost mode), ``ghost / np`` (best ghost ÷ non-private both), ``both / ghost``,
+    ``opacus best / ghost``, ``ghost overhead`` and ``opacus overhead`` (best Opacus mode ÷
+    plain PyTorch), ``ghost compile / both``.
+    """
+    frame = timing_rows(records)
+    if frame.empty:
+        return pd.DataFrame()
+    frame = frame[frame["status"] == "ok"]
+    rows = []
+    for (_, model, batch), cell in frame.groupby(["family", "model_label", "batch_size"],
+                                                  sort=False):
+        row: dict[str, Any] = {"model": model, "batch": int(batch)}
+        compile_s = {}
+        for label, engine, private in SYSTEMS:
+            hit = cell[(cell["engine_label"] == engine) & (cell["private"] == private)]
+            if len(hit):
+                row[f"{label} ms"] = 1e3 * float(hit["throughput_step_s"].iloc[-1])
+                compile_s[label] = hit["compile_s"].iloc[-1]
+                noise = pd.to_numeric(hit.get("noise_step_s", pd.Series(dtype=float)),
+                                      errors="coerce")
+                if label == "ghost" and len(noise) and pd.notna(noise.iloc[-1]):
+                    row["noise ms"] = 1e3 * float(noise.iloc[-1])
+        ghosts = [row[k] for k in ("ghost ms", "ghost 2p ms") if k in row]
+        opacus = [row[k] for k in ("opacus ms", "opacus ghost ms") if k in row]
+        np_jax, np_torch = row.get("both np ms"), row.get("pytorch ms")
+        if ghosts:
+            best = min(ghosts)
+            row["ghost best ms"] = best
+            row["ghost / np"] = best / np_jax if np_jax else math.nan
+            if "noise ms" in row and np_jax:  # what clipping alone costs, noise aside
+                row["ghost-noise / np"] = (best - row["noise ms"]) / np_jax
+            row["both / ghost"] = row["both ms"] / best if "both ms" in row else math.nan
+            row["opacus best / ghost"] = min(opacus) / best if opacus else math.nan
+            row["ghost overhead"] = row["ghost / np"]
+            if compile_s.get("ghost") and compile_s.get("both"):
+                row["ghost compile / both"] = compile_s["ghost"] / compile_s["both"]
+        if opacus and np_torch:
+            row["opacus overhead"] = min(opacus) / np_torch
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    order = {"logreg": 0, "ffnn": 1, "cnn": 2, "embed": 3, "lstm": 4, "cifar10": 5}
+    return (table.assign(_o=table["model"].map(lambda m: order.get(m, 9)))
+            .sort_values(["_o", "batch"]).drop(columns="_o").reset_index(drop=True))
+
+
+def ghost_verdicts(table: pd.DataFrame) -> list[str]:
+    """Issue 14's speed targets, each met or not, with the numbers (from a cost table)."""
+    if table.empty or "ghost best ms" not in table:
+        return []
+    lines = []
+
+    def worst(column: str, pick=max) -> tuple[float, str]:
+        part = table.dropna(subset=[column]) if column in table else table.iloc[0:0]
+        if part.empty:
+            return math.nan, "-"
+        i = part[column].idxmax() if pick is max else part[column].idxmin()
+        return float(part.loc[i, column]), f"{part.loc[i, 'model']} B={part.loc[i, 'batch']}"
+
+    value, where = worst("ghost / np")
+    if value == value:
+        lines.append(f"private ghost / non-private both <= 2x on every model (goal 1.25x): "
+                     f"{'met' if value <= 2 else 'NOT met'}, worst {value:.2f}x ({where})")
+    else:
+        lines.append("private ghost / non-private both: no non-private both rows to compare")
+    if "ghost-noise / np" in table:
+        value, where = worst("ghost-noise / np")
+        lines.append(f"  the same without drawing the noise (clipping alone): worst {value:.2f}x "
+                     f"({where}); noise ms is what sigma*C*N(0,1) per parameter costs here")
+    focus = (table[table["model"].isin(["embed", "lstm"])].dropna(subset=["both / ghost"])
+             if "both / ghost" in table else table.iloc[0:0])
+    if len(focus):
+        low = focus["both / ghost"].min()
+        lines.append(f"ghost >= 2x faster than both on embed and lstm: "
+                     f"{'met' if low >= 2 else 'NOT met'}, least {low:.2f}x")
+    value, where = worst("both / ghost", pick=min)
+    if value == value:
+        lines.append(f"ghost never more than 5% slower than both: "
+                     f"{'met' if value >= 1 / 1.05 else 'NOT met'}, worst both/ghost "
+                     f"{value:.2f} ({where})")
+    value, where = worst("opacus best / ghost", pick=min)
+    if value == value:
+        lines.append(f"ghost faster than Opacus' best mode on every model: "
+                     f"{'met' if value > 1 else 'NOT met'}, worst opacus/ghost {value:.2f} "
+                     f"({where})")
+    both = (table.dropna(subset=["ghost overhead", "opacus overhead"])
+            if {"ghost overhead", "opacus overhead"} <= set(table) else table.iloc[0:0])
+    if len(both):
+        slower = both[both["ghost overhead"] >= both["opacus overhead"]]
+        lines.append("ghost's privacy overhead below Opacus' best: "
+                     + ("met on every cell" if slower.empty else
+                        "NOT met on " + ", ".join(f"{m} B={b}" for m, b in
+                                                  zip(slower["model"], slower["batch"]))))
+    value, where = worst("ghost compile / both")
+    if value == value:
+        lines.append(f"ghost compile time <= 1.5x both's: {'met' if value <= 1.5 else 'NOT met'},"
+                     f" worst {value:.2f}x ({where})")
+    return lines
+
+
+def format_cost(records: pd.DataFrame) -> str:
+    """The cost table as text, with the ghost targets under it (empty without ghost rows)."""
+    table = privacy_cost_table(records)
+    if table.empty or "ghost best ms" not in table:
+        return ""
+    text = table.to_string(index=False, float_format=lambda v: f"{v:.3g}")
+    return text + "\n\n" + "\n".join(ghost_verdicts(table))

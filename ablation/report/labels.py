@@ -1,0 +1,89 @@
+"""How records are labelled and prepared for every table: engine and model labels, the engine
+order, and a timing cell's relative spread. Shared by the summary, the benchmarks and the
+analysis (so none of them imports another for a label)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+
+#: Engine order in tables and figures: the paper's four, then ours, then reference frameworks.
+ENGINE_ORDER = ("both", "jit", "vmap", "none", "ghost", "opacus", "jax_privacy", "tfp",
+                "backpack", "pyvacy")
+#: The default mode of each engine that has modes (not shown in labels).
+DEFAULT_MODES = {"opacus": "hooks", "ghost": "bookkeeping", "tfp": "vectorized",
+                 "jax_privacy": "vmap"}
+#: Fewer timed latency steps than this and an IQR says little: the cell is flagged.
+MIN_STEPS_FOR_SPREAD = 5
+
+
+def missing(value: Any) -> bool:
+    """None or NaN: a field a record does not have."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def engine_label(row: Any) -> str:
+    """``both``, ``jit`` (``jit[scan]`` for a non-default loop), ``opacus[ghost]``, …"""
+    engine = row["engine"]
+    loop = row.get("loop")
+    mode = row.get("engine_mode")
+    if engine == "jit" and not missing(loop) and loop != "dispatch":
+        return f"jit[{loop}]"
+    tags = []
+    if engine in DEFAULT_MODES and not missing(mode) and mode != DEFAULT_MODES[engine]:
+        size = row.get("microbatch_size")
+        tags.append(f"{mode} {int(size)}" if mode == "microbatch" and not missing(size) else mode)
+    if engine == "tfp" and row.get("xla") is True:
+        tags.append("xla")
+    devices = row.get("devices")
+    if not missing(devices) and devices and devices > 1:
+        tags.append(f"{int(devices)} devices")
+    return f"{engine}[{','.join(tags)}]" if tags else engine
+
+
+def model_label(row: Any) -> str:
+    """``lstm[static]`` for the paper's unrolled lstm, ``cnn[xla]`` for the cnn with the
+    paper's max-pool, else the model's name."""
+    if row["model"] == "lstm" and row.get("unroll") == "static":
+        return "lstm[static]"
+    if row["model"] == "cnn" and row.get("pool") == "xla":
+        return "cnn[xla]"
+    return row["model"]
+
+
+def relative_spread(row: pd.Series) -> float | None:
+    """How uncertain a cell's time is: the larger of the latency IQR ÷ median and the range
+    of its throughput bursts ÷ their median. None when too few steps were timed."""
+    steps = row.get("steps_timed")
+    if missing(steps) or steps < MIN_STEPS_FOR_SPREAD:
+        return None
+    spreads = []
+    if not missing(row.get("iqr_step_s")) and row.get("median_step_s"):
+        spreads.append(row["iqr_step_s"] / row["median_step_s"])
+    bursts = row.get("throughput_bursts_s")
+    if isinstance(bursts, list) and len(bursts) > 1:
+        mid = sorted(bursts)[len(bursts) // 2]
+        spreads.append((max(bursts) - min(bursts)) / mid if mid else math.inf)
+    return max(spreads) if spreads else None
+
+
+def timing_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The timing records of ``frame`` with every column the tables read, their labels and
+    their relative spread (``spread``)."""
+    frame = frame[frame.get("kind", pd.Series("timing", index=frame.index)) == "timing"].copy()
+    if frame.empty:
+        return frame
+    if "family" not in frame:
+        frame["family"] = "one"
+    for column in ("loop", "engine_mode", "unroll", "steps_timed", "iqr_step_s",
+                   "median_step_s", "throughput_step_s", "throughput_bursts_s", "epoch_estimated",
+                   "compile_s", "median_epoch_s", "epsilon", "delta", "accounted_steps",
+                   "reused", "path", "data"):
+        if column not in frame:
+            frame[column] = None
+    frame["engine_label"] = frame.apply(engine_label, axis=1)
+    frame["model_label"] = frame.apply(model_label, axis=1)
+    frame["spread"] = frame.apply(relative_spread, axis=1)
+    return frame
