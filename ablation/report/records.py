@@ -54,33 +54,46 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+def _git(*args: str, root: Path | None = None) -> str:
+    return subprocess.run(["git", *args], cwd=root or REPO_ROOT, capture_output=True, text=True,
                           timeout=30, check=True).stdout
+
+
+#: What cannot change a number: records, figures, notebooks and prose. Changes there leave the
+#: tree clean for :func:`code_version`, so a reference run that writes its records into
+#: ``outputs/reference/`` (or a README edited while it runs) still names a clean commit.
+NOT_CODE = (":(exclude)outputs", ":(exclude)docs", ":(exclude)notebooks",
+            ":(exclude,glob)**/*.md")
 
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> dict[str, str | None]:
     """The code that runs: ``git_sha`` (``<commit>-dirty`` when tracked files have changes or
-    untracked files are not ignored) and ``git_diff_sha``, a hash of those uncommitted changes
-    and files (None on a clean tree).
+    untracked files are not ignored, outside :data:`NOT_CODE`) and ``git_diff_sha``, a hash of
+    those uncommitted changes and files (None on a clean tree).
 
     On a dirty tree the hash is part of every record's identity, so ``resume=true`` and the
     figures only treat records as the same code when they ran with the very same uncommitted
     changes; records from a clean commit are what the committed references hold. Without git
     (a copy of the sources), ``git_sha`` is None and the hash covers the package's sources.
     """
+    return _code_version_of(REPO_ROOT)
+
+
+def _code_version_of(root: Path) -> dict[str, str | None]:
     try:
-        sha = _git("rev-parse", "HEAD").strip()
-        diff = _git("diff", "HEAD", "--binary", "--no-ext-diff", "--no-textconv")
-        untracked = _git("ls-files", "--others", "--exclude-standard", "-z").split("\0")
+        sha = _git("rev-parse", "HEAD", root=root).strip()
+        diff = _git("diff", "HEAD", "--binary", "--no-ext-diff", "--no-textconv", "--", ".",
+                    *NOT_CODE, root=root)
+        untracked = _git("ls-files", "--others", "--exclude-standard", "-z", "--", ".",
+                         *NOT_CODE, root=root).split("\0")
     except (OSError, subprocess.SubprocessError):
         return {"git_sha": None, "git_diff_sha": _sources_hash()}
     digest = hashlib.sha256(diff.encode())
     for name in sorted(n for n in untracked if n):
         digest.update(name.encode())
         try:
-            digest.update((REPO_ROOT / name).read_bytes())
+            digest.update((root / name).read_bytes())
         except OSError:
             pass
     if not diff and not any(untracked):
