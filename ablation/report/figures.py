@@ -108,7 +108,10 @@ def runtimes(frame: pd.DataFrame, model: str, *, batch_sizes: Sequence[int] | No
         data = data[data["system"].isin(systems or data["system"].unique())
                     & data["batch_size"].isin(batch_sizes or data["batch_size"].unique())]
     panels = [p for p in (True, False) if (data["private"] == p).any()]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    # Each panel as wide as its bars need (the private one holds every framework's rows).
+    widths = [max(4.0, 0.75 * data[data["private"] == p]["system"].nunique()) for p in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths) + 1.5, 4.6), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
     hue_order = sorted(data["batch_size"].unique())
     # One colour per batch size in both panels, also where a panel lacks some sizes.
     colours = dict(zip(hue_order, sns.color_palette("viridis", len(hue_order))))
@@ -121,6 +124,9 @@ def runtimes(frame: pd.DataFrame, model: str, *, batch_sizes: Sequence[int] | No
         ax.set_yscale("log")
         ax.set_title(f"{model}, {'private (DP-SGD)' if private else 'non-private (SGD)'}")
         ax.set_xlabel("engine / framework")
+        ax.tick_params(axis="x", labelrotation=40)
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
         ax.set_ylabel(_epoch_axis(part))
         ax.legend(title="batch size", fontsize=8)
         _label_bars(ax)

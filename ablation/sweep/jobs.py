@@ -20,6 +20,7 @@ from typing import Any, Mapping
 from ablation.core.privacy import PrivacyReport, privacy_report
 from ablation.data.samplers import poisson_capacity
 from ablation.measure.settings import REFERENCE_ENGINES, CellConfig
+from ablation.report.labels import engine_label, model_label
 from ablation.report.records import (REPO_ROOT, RESULT_FILE, SCHEMA, SKIPPED_FILE, config_hash,
                                      environment, find_ok_record, machine_identity, now_iso,
                                      one_line, read_json, record_identity, write_json)
@@ -270,10 +271,9 @@ def fetch_real_data(cell: CellConfig) -> str | None:
 
 
 def describe(record: Mapping[str, Any]) -> str:
-    """One line per finished cell."""
-    loop = record.get("loop")
-    engine = record["engine"] + (f"[{loop}]" if loop not in (None, "dispatch") else "")
-    head = (f"[{record['status']}] {engine} {record['model']} B={record['batch_size']} "
+    """One line per finished cell, labelled as the tables label it (``tfp[xla]``, ``jit[scan]``)."""
+    head = (f"[{record['status']}] {engine_label(record)} {model_label(record)} "
+            f"B={record['batch_size']} "
             f"{'private' if record['private'] else 'non-private'}")
     if record["status"] != "ok":
         return f"{head}: {record.get('error')}"
@@ -454,7 +454,8 @@ def run_memory_job(cell: CellConfig, settings: Any, config: Mapping[str, Any],
                 "resolution": settings.resolution, "max_batch_size": settings.max_batch_size},
         device=info, env=last_env or environment(devices=False))
     finish(record, job_dir)
-    print(f"[{record['status']}] {cell.engine} {cell.model}: max batch size "
+    print(f"[{record['status']}] {engine_label(record)} {model_label(record)}"
+          f"{'' if record['private'] else ' non-private'}: max batch size "
           f"{record['max_batch_size']} under "
           f"{'no cap' if limit is None else format_bytes(limit)}"
           + (f" ({record['reason']})" if record["reason"] else ""), flush=True)
