@@ -15,7 +15,7 @@ import warnings
 from typing import Any
 
 from ablation.measure.settings import CellConfig
-from ablation.reference.torch_nets import plain_sgd, time_torch_cell
+from ablation.reference.torch_nets import noisy_sgd_update, plain_sgd, time_torch_cell
 
 try:
     import torch
@@ -61,10 +61,7 @@ def time_cell_backpack(cell: CellConfig, noise_multiplier: float) -> dict[str, A
 
         def step(xb, yb):
             grads = clipped_sum(model, loss, xb, yb, cell.dp.clip_norm)
-            with torch.no_grad():
-                for p, g in zip(params, grads):
-                    noisy = g + std * torch.randn_like(g) if std else g
-                    p.add_(noisy / xb.shape[0], alpha=-cell.lr)
+            noisy_sgd_update(params, grads, std, xb.shape[0], cell.lr)
         return step
 
     setup = private_setup if cell.private else plain_sgd(cell)

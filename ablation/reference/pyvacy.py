@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from ablation.measure.settings import CellConfig
-from ablation.reference.torch_nets import criterion_for, plain_sgd, time_torch_cell
+from ablation.reference.torch_nets import criterion_for, noisy_sgd_update, plain_sgd, time_torch_cell
 
 try:
     import torch
@@ -52,10 +52,7 @@ def time_cell_pyvacy(cell: CellConfig, noise_multiplier: float) -> dict[str, Any
 
         def step(xb, yb):
             grads = microbatch_clipped_sum(module, cell.model, xb, yb, cell.dp.clip_norm)
-            with torch.no_grad():
-                for p, g in zip(params, grads):
-                    noisy = g + std * torch.randn_like(g) if std else g
-                    p.add_(noisy / xb.shape[0], alpha=-cell.lr)
+            noisy_sgd_update(params, grads, std, xb.shape[0], cell.lr)
         return step
 
     setup = private_setup if cell.private else plain_sgd(cell)

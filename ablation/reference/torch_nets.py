@@ -314,3 +314,12 @@ def plain_sgd(cell: CellConfig) -> StepSetup:
             optimizer.step()
         return step
     return setup
+
+
+def noisy_sgd_update(params, grads, std: float, batch_size: int, lr: float) -> None:
+    """The shared DP-SGD update of the PyTorch rows, in place: each parameter's clipped sum plus
+    N(0, std²) noise (none when ``std`` is 0), divided by the batch size, one SGD step."""
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            noisy = g + std * torch.randn_like(g) if std else g
+            p.add_(noisy / batch_size, alpha=-lr)
