@@ -57,19 +57,24 @@ def test_masked_slots_contribute_nothing(engine, model_case, oracle):
     np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL * max(1.0, np.abs(expected).max()))
 
 
-@pytest.mark.parametrize("engine", ENGINE_VARIANTS, ids=ENGINE_IDS)
-def test_every_engine_matches_the_oracle_with_the_papers_max_pool(engine):
-    """Issue 18: the cnn with hk.MaxPool (model.pool=xla) agrees too, in every engine."""
-    from models import get_model
+def _assert_matches_the_oracle(engine, model, *, batch: int) -> None:
+    """The engine's clipped sum on a small batch of ``model`` equals the float64 oracle's, at a
+    clip norm (the median per-example norm) that clips about half the examples."""
     from tests.conftest import small_batch
-    model = get_model("cnn", pool="xla")
     params = model.init(jax.random.key(1))
-    x, y = small_batch(model, 4, seed=2)
+    x, y = small_batch(model, batch, seed=2)
     per_example = reference_per_example_grads(model.loss, params, x, y)
     clip = float(np.median([np.linalg.norm(g) for g in per_example]))
     expected = reference_clipped_sum(per_example, clip)
     got = flatten(clipped_grad_sum(engine, model.loss, params, x, y, clip))
     np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("engine", ENGINE_VARIANTS, ids=ENGINE_IDS)
+def test_every_engine_matches_the_oracle_with_the_papers_max_pool(engine):
+    """Issue 18: the cnn with hk.MaxPool (model.pool=xla) agrees too, in every engine."""
+    from models import get_model
+    _assert_matches_the_oracle(engine, get_model("cnn", pool="xla"), batch=4)
 
 
 def test_infinite_clip_norm_is_plain_gradient_sum(model_case, oracle):
@@ -136,15 +141,7 @@ def test_ghost_handles_non_finite_padded_slots(model_case, oracle):
 def test_ghost_static_lstm_matches_the_oracle():
     """The paper's unrolled lstm is tapped the same way as the scanned one."""
     from models import get_model
-    from tests.conftest import small_batch
-    model = get_model("lstm", unroll="static")
-    params = model.init(jax.random.key(1))
-    x, y = small_batch(model, 3, seed=2)
-    per_example = reference_per_example_grads(model.loss, params, x, y)
-    clip = float(np.median([np.linalg.norm(g) for g in per_example]))
-    expected = reference_clipped_sum(per_example, clip)
-    got = flatten(clipped_grad_sum("ghost", model.loss, params, x, y, clip))
-    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL * np.abs(expected).max())
+    _assert_matches_the_oracle("ghost", get_model("lstm", unroll="static"), batch=3)
 
 
 def _layered(fn, binary=False):
