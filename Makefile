@@ -4,13 +4,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# A CPU build of PyTorch that is on disk on the development machine (no multi-GB download).
+# PyTorch for the reference rows: a CPU build by default (TORCH_SPEC picks another).
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 # Folders of records that `make figures` draws (one run or sweep folder, or all of outputs/).
 RUNS ?= outputs
 
-.PHONY: venv torch tf run cell memory test test-all figures notebooks lab paper clean
+.PHONY: venv torch tf run cell memory check test test-all figures notebooks lab paper clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -48,6 +48,9 @@ cell: venv  ## time one cell (override with ARGS="model=cnn batch_size=128 ...")
 
 memory: venv  ## probe the largest batch that fits (default model and engine)
 	$(PY) -m ablation.memory $(ARGS)
+
+check: venv  ## the quick loop (< 3 min): imports, layout, core oracle tests, a one-cell sweep
+	$(PY) -m pytest -q -m check $(ARGS)
 
 test: torch tf  ## the default suite (slow tests excluded), every extra installed
 	$(PY) -m pytest -m "not slow" $(ARGS)

@@ -20,11 +20,12 @@ from omegaconf import DictConfig
 
 from ablation.sweep.config import ConfigError, probe_settings_from_dict
 from ablation.sweep.shell import (CONF_DIR, check_command_line, config_or_exit, exit_with_error,
-                                  experiment_name)
+                                  experiment_name, follow_the_sweep, launcher_of)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
+    from ablation.sweep.folders import FolderBusy
     from ablation.sweep.jobs import run_memory_job
     plain, cell = config_or_exit(cfg)
     try:
@@ -32,11 +33,12 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as error:
         exit_with_error(error)
     hydra_cfg = HydraConfig.get()
+    follow_the_sweep(launcher_of(hydra_cfg)[0])
     try:
         record = run_memory_job(cell, settings, plain, hydra_cfg.runtime.output_dir,
                                 resume=cfg.resume, resume_root=cfg.paths.output_dir,
                                 experiment=experiment_name())
-    except ValueError as error:  # a cap above the machine's memory: nothing ran
+    except (ValueError, FolderBusy) as error:  # a cap above the machine's memory, a busy folder
         exit_with_error(error)
     if hydra_cfg.mode == RunMode.RUN and record.get("status") != "ok":
         sys.exit(1)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ablation.core.taps import LayerTap, dense_apply, tap_input, tap_output
+from ablation.core.taps import LayerTap, dense_apply, tap_input, tap_output, tap_region
 
 #: Keras' IMDb word index with ``num_words=10_000`` and ``index_from=3`` needs 10,004 rows.
 IMDB_VOCAB_ROWS = 10_004
@@ -152,11 +152,15 @@ class LSTM(hk.Module):
         self.unroll = unroll
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, H]
+        scope = f"{self.module_name}/linear"
+        gates = _GateParams(name="linear")  # created here: its parameters stay lstm/linear
+        with tap_region(scope):  # every use of the gate parameters lies inside
+            return self._sequence(x, scope, gates)
+
+    def _sequence(self, x: jax.Array, scope: str, gates: _GateParams) -> jax.Array:
         batch, steps, features = x.shape
         hidden = self.hidden_size
-        gates = _GateParams(name="linear")
         w, b = gates(features + hidden, 4 * hidden)
-        scope = f"{self.module_name}/linear"
         w_x, w_h = w[:features], w[features:]
         gates_x = tap_output(scope, jnp.dot(x, w_x) + b)  # [B, T, 4H]
 

@@ -39,22 +39,110 @@ def test_more_cells_at_once_are_recorded_and_warned_about(tmp_path):
     assert "WARNING: up to 2 cells ran at once on one machine" in proc.stdout
 
 
-def test_a_cell_stopped_by_the_scheduler_still_leaves_its_record(tmp_path):
-    """SIGTERM (a scheduler's time limit or preemption) while a cell runs: its record says so,
-    the worker is gone, and resume=true runs that cell again (only that one)."""
-    cmd = [sys.executable, "-m", "ablation.run", "engine=none", "model=cnn", "batch_size=64",
-           "data.limit=512", "timing.progress=false", "hydra/job_logging=disabled",
-           f"paths.output_dir={tmp_path}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(tmp_path.rglob("cell.spec.json")):
+SLOW_CELL = ["engine=none", "model=cnn", "batch_size=64", "data.limit=512",
+             "timing.progress=false", "hydra/job_logging=disabled"]
+
+
+def _start(tmp_path, *args, **popen):
+    cmd = [sys.executable, "-m", "ablation.run", *args, f"paths.output_dir={tmp_path}"]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"), **popen)
+
+
+def _worker_running(tmp_path, timeout_s: float = 120) -> "psutil.Process":
+    """The worker process once its cell has started (it is busy with an eager loop)."""
+    import psutil
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = proc.info["cmdline"] or []
+            if "ablation.sweep.worker" in cmd and any(str(tmp_path) in c for c in cmd):
+                time.sleep(3)
+                return proc
         time.sleep(0.5)
-    time.sleep(3)  # the worker is busy with its eager per-example loop
-    proc.send_signal(signal.SIGTERM)
+    raise AssertionError("the worker never started")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2])
+def test_a_cell_stopped_by_the_scheduler_still_leaves_its_record(tmp_path, sig):
+    """SIGTERM (a time limit or preemption), SIGHUP (the terminal went), SIGUSR2 (submitit's
+    and SLURM's warning) while a cell runs: its record says so, the worker is gone, and
+    resume=true runs that cell again (only that one)."""
+    proc = _start(tmp_path, *SLOW_CELL)
+    worker = _worker_running(tmp_path)
+    proc.send_signal(sig)
     proc.communicate(timeout=120)
     (_, record), = list(results.iter_records(tmp_path))
-    assert record["status"] == "timeout" and "stopped by SIGTERM" in record["error"]
+    assert record["status"] == "timeout", record
+    assert f"stopped by {signal.Signals(sig).name}" in record["error"]
+    assert not worker.is_running() or worker.status() == "zombie"
+
+
+def test_a_worker_dies_with_its_parent_even_by_sigkill(tmp_path):
+    """Before: a parent killed by SIGKILL left its worker running, re-parented, with no time
+    limit. The kernel now ends the worker with it (PR_SET_PDEATHSIG)."""
+    import psutil
+    proc = _start(tmp_path, *SLOW_CELL)
+    worker = _worker_running(tmp_path)
+    proc.kill()
+    proc.communicate(timeout=60)
+    gone, alive = psutil.wait_procs([worker], timeout=20)
+    assert not alive, "the worker outlived its parent"
+
+
+def test_a_local_launchers_job_stops_with_its_sweep_and_leaves_a_timeout_record(tmp_path):
+    """Before: SIGTERM to the sweep returned 143 while its submitit job ran on, unwatched, and
+    wrote an ok record ~40 s later."""
+    import psutil
+    proc = _start(tmp_path, "-m", "hydra/launcher=local", *SLOW_CELL)
+    worker = _worker_running(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    psutil.wait_procs([worker], timeout=30)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(results.iter_records(tmp_path)):
+        time.sleep(0.5)
+    (_, record), = list(results.iter_records(tmp_path))
+    assert record["status"] == "timeout" and "stopped by SIGTERM" in record["error"], record
+    assert not worker.is_running() or worker.status() == "zombie"
+
+
+def test_submitits_time_limit_signal_leaves_a_timeout_record(tmp_path):
+    """Before: submitit's SIGUSR2 handler raised through the job and left only cell.spec.json.
+    The signal goes to the submitit job process (the worker's parent)."""
+    import psutil
+    proc = _start(tmp_path, "-m", "hydra/launcher=local", *SLOW_CELL)
+    worker = _worker_running(tmp_path)
+    job = worker.parent()
+    job.send_signal(signal.SIGUSR2)
+    deadline = time.time() + 90
+    while time.time() < deadline and not list(results.iter_records(tmp_path)):
+        time.sleep(0.5)
+    everything = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for process in everything:  # submitit may requeue the job: end the whole tree
+        process.kill()
+    psutil.wait_procs(everything, timeout=30)
+    proc.communicate(timeout=60)
+    (_, record), = list(results.iter_records(tmp_path))
+    assert record["status"] == "timeout" and "stopped by SIGUSR2" in record["error"], record
+
+
+def test_a_second_sweep_into_a_held_folder_is_refused(tmp_path):
+    """Before: two sweeps started 0.2 s apart into one folder swapped measurements (vmap's
+    step filed under both's name)."""
+    folder = tmp_path / "sweep"
+    first = _start(tmp_path, "-m", *SLOW_CELL, f"hydra.sweep.dir={folder}")
+    _worker_running(tmp_path)
+    second = subprocess.run([sys.executable, "-m", "ablation.run", "-m", "engine=vmap",
+                             "model=logreg", f"hydra.sweep.dir={folder}",
+                             f"paths.output_dir={tmp_path}"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    first.terminate()
+    first.communicate(timeout=60)
+    assert second.returncode == 2, second.stderr
+    assert "is in use by a sweep" in second.stderr and second.stderr.count("\n") == 1
+    engines = {r["engine"] for _, r in results.iter_records(tmp_path)}
+    assert engines == {"none"}  # nothing of the second sweep was written
 
 
 def test_resume_after_a_partial_sweep_runs_only_the_missing_cells(tmp_path):

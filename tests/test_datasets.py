@@ -212,6 +212,22 @@ def test_a_parser_change_prepares_the_arrays_again(mnist_fixture, monkeypatch):
     assert len(calls) == 1 and prepared.stat().st_mtime_ns != stamp
 
 
+def test_a_tampered_or_truncated_prepared_cache_is_prepared_again(mnist_fixture, capsys):
+    """Issue 22.9: the cache was trusted by its stamp alone (a copy with all-zero images was
+    used; a truncated one raised BadZipFile on every run)."""
+    x, _ = datasets.load("mnist", cache_dir=mnist_fixture)
+    prepared = mnist_fixture / "mnist" / datasets.PREPARED
+    with np.load(prepared) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["x_train"] = np.zeros_like(arrays["x_train"])  # the stamp kept, the data changed
+    np.savez(prepared, **arrays)
+    x2, _ = datasets.load("mnist", cache_dir=mnist_fixture)
+    assert np.array_equal(x2, x) and "does not hold what was prepared" in capsys.readouterr().out
+    prepared.write_bytes(prepared.read_bytes()[:100])
+    x3, _ = datasets.load("mnist", cache_dir=mnist_fixture)
+    assert np.array_equal(x3, x) and "is damaged" in capsys.readouterr().out
+
+
 def test_private_training_on_real_format_data_lowers_the_loss(mnist_fixture):
     from ablation.measure.timing import time_cell
     cell = CellConfig(engine="both", model="cnn", data="real", data_cache_dir=str(mnist_fixture),

@@ -66,7 +66,8 @@ def test_every_role_folder_exists_and_nothing_is_left_flat():
     assert folders == set(ALLOWED) - {"top"}
     flat = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
     # The top level holds entry points (python -m ablation.X) and public names only.
-    assert flat <= {"run", "memory", "figures", "summary", "datasets", "results", "analysis"}
+    assert flat <= {"run", "memory", "check_ghost", "figures", "summary", "datasets", "results",
+                    "analysis"}
 
 
 def upward_imports(g: dict[str, set[str]]) -> list[str]:
@@ -140,3 +141,23 @@ def test_public_api_and_documented_names_still_import():
     for name in ("ENGINES", "Engine", "clipped_grad_sum", "make_step", "DPConfig"):
         assert hasattr(ablation, name)
     assert callable(ablation.results.load) and callable(ablation.analysis.load)
+
+
+#: Modules that need an extra (PyTorch, TensorFlow, submitit) to import.
+NEEDS_EXTRA = {"ablation.reference.opacus": "torch", "ablation.reference.backpack": "backpack",
+               "ablation.reference.pyvacy": "torch", "ablation.reference.torch_nets": "torch",
+               "ablation.reference.tfp": "tensorflow",
+               "ablation.reference.jax_privacy": "jax_privacy"}
+
+
+def test_every_module_imports():
+    """Every module of the toolkit imports (those of an extra wherever it is installed)."""
+    import importlib
+    import importlib.util
+    root = PACKAGE.parent
+    for path in sorted([*PACKAGE.rglob("*.py"), *(root / "models").rglob("*.py")]):
+        name = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        extra = NEEDS_EXTRA.get(name)
+        if extra and importlib.util.find_spec(extra) is None:
+            continue
+        importlib.import_module(name)

@@ -35,10 +35,12 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     assert f"from {root}" in text
 
 
-def test_notebook_finds_the_committed_results_from_any_working_directory(tmp_path, monkeypatch):
-    """Issue 15.2: the default results path is the repository's, not the working directory's."""
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_over_all_of_the_committed_reference_from_any_folder(path, tmp_path,
+                                                                          monkeypatch):
+    """Issue 15.2: the default results path is the repository's, not the working directory's;
+    issue 22.1: every family of outputs/reference (cpu-4-devices included) draws."""
     monkeypatch.delenv("DPSGD_RESULTS", raising=False)
-    path = NOTEBOOKS[-1]  # the memory notebook: the quickest
     notebook = nbformat.read(path, as_version=4)
     NotebookClient(notebook, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()

@@ -2,10 +2,11 @@
 
 DP-SGD needs ``Σ_i g_i · min(1, C/‖g_i‖)`` with ``‖g_i‖`` the global L2 norm over every
 parameter. The paper's engines materialise each ``g_i`` (vmap or a loop). For the layers of
-these networks each ``‖∇_layer ℓ_i‖²`` also follows from what one batched forward and backward
-pass already has: the layer's input ``A_i`` and its output gradient ``G_i`` (Li et al., ICLR
-2022; Bu et al., NeurIPS 2022, ICML 2023). :mod:`ablation.core.taps` collects both; this module
-turns them into norms (:data:`RULES`, one rule per layer kind) and the clipped sum.
+these networks each ``‖∇_layer ℓ_i‖²`` also follows from what one forward and backward pass
+already has: the layer's input ``A_i`` and its output gradient ``G_i`` (Li et al., ICLR 2022;
+Bu et al., NeurIPS 2022, ICML 2023). :mod:`ablation.core.taps` collects both, from the same
+per-example (batch-of-one) loss every engine differentiates, ``vmap``ped over the examples;
+this module turns them into norms (:data:`RULES`, one rule per layer kind) and the clipped sum.
 
 ===========  =================================================================================
 kind         ‖∇W_i‖² (+ ‖∇b_i‖²), for ``A_i [T, d]`` (positions × inputs), ``G_i [T, p]``
@@ -14,32 +15,59 @@ dense        no positions (T = 1): ``‖a_i‖² ‖g_i‖²``. Over positions o
              projection over 256 steps): the Gram form ``⟨A_i A_iᵀ, G_i G_iᵀ⟩`` (cost T²·(d+p))
              or the per-layer gradient ``‖A_iᵀ G_i‖²`` (cost T·d·p), whichever is cheaper for the
              shapes. Bias: ``‖Σ_t g_it‖²``.
-conv2d       the input's patches (``lax.conv_general_dilated_patches``) are ``A_i`` over the
-             output positions; then the dense rule, Gram or materialised by the same cost rule.
+conv2d       the input's patches are ``A_i`` over the output positions; then the dense rule.
 embed        ``Σ_v ‖Σ_{t: id_t = v} g_t‖²``: each example's output gradients summed over repeated
-             token ids (a sort and a segment sum), never a vocabulary-sized gradient.
+             token ids (a sort and a segment sum), never a vocabulary-sized gradient. Ids map as
+             the lookup maps them (below 0 wraps once; outside the table gets no gradient).
 ===========  =================================================================================
+
+The guarantee: for every example, the squared norm that sets its clip factor is at least the
+squared norm of what the sum adds for that example, so no example counts for more than C.
+
+* Where a rule holds each example's gradient of the layer (the materialised form, the bias, the
+  embedding's per-id sums), the sum is built from those very values (book-keeping reuse), so
+  the norm and the contribution are the same numbers.
+* The Gram form is a signed double sum that can cancel in float32 (a large offset shared by the
+  inputs): it carries a rigorous bound on its rounding error (:func:`gram_rounding_bound`: each
+  inner product, the products and the two sums, in any summation order), which is added to it.
+  Where that bound exceeds :data:`GRAM_TOLERANCE` of the value for some example of the batch,
+  the layer falls back, for that batch, to each example's own float32 gradient, one example at a
+  time (norm and sum), so a Gram norm over-clips by at most that relative amount and the
+  rounding of what an example adds stays that of its own gradient. A negative or zero Gram
+  value is never read as "no clipping".
+* Contractions run at ``precision=HIGHEST``.
 
 The clipped sum then comes one of two ways (``mode``): ``bookkeeping`` (Bu et al., 2023) takes
 each layer's gradient from the stored ``A`` and the output gradients scaled by the clip factors,
-``Σ_i c_i ∇W_i = VJP_W(layer at A)(c ⊙ G)``, in the same pass; ``two_pass`` (ghost clipping) runs a
-second backward pass of the reweighted loss ``Σ_i c_i ℓ_i``. A parameter no rule covers, or a
-layer used twice, is an error naming the layer: the sum is exact or not computed.
+``Σ_i c_i ∇W_i = VJP_W(layer at A)(c ⊙ G)``, in the same pass; ``two_pass`` (ghost clipping)
+takes it from a second backward pass of ``Σ_i c_i ℓ_i``. Either way, layers whose rule holds the
+per-example gradients reuse them. A parameter no rule covers, a layer used twice, a parameter
+used outside its layer, or a layer the taps cannot see is an error naming it: the sum is exact
+or not computed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from ablation.core.taps import GhostUnsupported, LayeredLoss, LayerTap
+from ablation.core.masking import fill_padded, zero_unless_any
+from ablation.core.taps import (HIGHEST, GhostUnsupported, LayeredLoss, LayerTap,
+                                check_parameter_uses)
 
 PyTree = Any
 MODES = ("bookkeeping", "two_pass")
+#: float32's unit roundoff.
+UNIT_ROUNDOFF = 2.0 ** -24
+#: The largest relative over-estimate of a squared norm that the Gram form's rounding bound may
+#: add before its layer falls back to materialised per-example gradients for the batch.
+GRAM_TOLERANCE = 1e-3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,7 +75,8 @@ MODES = ("bookkeeping", "two_pass")
 
 
 def _positions(a: jax.Array) -> jax.Array:
-    """``[B, ..., f] -> [B, T, f]``: every axis between the batch and the features is a position."""
+    """``[B, ..., f] -> [B, T, f]``: every axis between the example and the features is a
+    position (including the batch-of-one axis of the per-example pass)."""
     return a.reshape(a.shape[0], -1, a.shape[-1])
 
 
@@ -56,38 +85,112 @@ def prefers_gram(positions: int, inputs: int, outputs: int) -> bool:
     return positions * positions * (inputs + outputs) < positions * inputs * outputs
 
 
+def gram_rounding_bound(aa: jax.Array, gg: jax.Array, inputs: int, outputs: int) -> jax.Array:
+    """``[B]``: how far the float32 Gram value ``Σ_ts (a_t·a_s)(g_t·g_s)`` can lie from its
+    exact value, whatever order each sum runs in, from the two Gram matrices ``aa = AAᵀ`` and
+    ``gg = GGᵀ`` (``[B, T, T]``, as computed) and the widths d and p.
+
+    Each inner product of length d is off by at most ``γ_d ‖a_t‖‖a_s‖`` (``γ_n = n·u``, u the
+    unit roundoff), likewise for g; the products and the two sums of T terms add
+    ``(2T + 2)·u`` of ``Σ_ts |a_t·a_s||g_t·g_s|``. So the error is at most
+    ``γ_d Σ_ts ‖a_t‖‖a_s‖|g_t·g_s| + γ_p Σ_ts |a_t·a_s|‖g_t‖‖g_s‖ + (2T+2)u Σ_ts |a_t·a_s||g_t·g_s|``
+    to first order, plus ``2 γ_d γ_p (Σ_t ‖a_t‖‖g_t‖)²`` for the second. The norms are the
+    Gram matrices' diagonals (sums of squares: relative error ``γ_d/2``, ``γ_p/2``); the factor
+    1.1 and 4 more roundoffs per width cover that and the rounding of the bound itself (its
+    terms are all non-negative, so that is relative: ``T²·u`` ≤ 0.1 for any T below 1,290).
+    """
+    positions = aa.shape[1]
+    na = jnp.sqrt(jnp.diagonal(aa, axis1=1, axis2=2))  # [B, T]: ‖a_t‖
+    ng = jnp.sqrt(jnp.diagonal(gg, axis1=1, axis2=2))
+    abs_aa, abs_gg = jnp.abs(aa), jnp.abs(gg)
+    u = UNIT_ROUNDOFF
+    terms = ((inputs + 4) * u * (na[:, :, None] * na[:, None, :]) * abs_gg
+             + (outputs + 4) * u * abs_aa * (ng[:, :, None] * ng[:, None, :])
+             + (2 * positions + 6) * u * abs_aa * abs_gg)
+    second_order = 2 * (inputs + 4) * (outputs + 4) * u * u * jnp.square(jnp.sum(na * ng, axis=1))
+    return 1.1 * (jnp.sum(terms, axis=(1, 2)) + second_order)
+
+
+def _weighted(c: jax.Array, per_example: jax.Array) -> jax.Array:
+    """``Σ_i c_i · per_example[i]``: each example's own values, scaled, then summed."""
+    return jnp.tensordot(c.astype(per_example.dtype), per_example, axes=1, precision=HIGHEST)
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerNorms:
-    """A rule's answer for one layer: per-example squared norms ``[B]``, and where the rule
-    materialised each example's gradient of the layer (``{name: [B, *param.shape]}`` with the
-    weight flattened to ``[B, d, p]``), those gradients, which book-keeping then reuses."""
+    """A rule's answer for one layer.
+
+    Attributes:
+      sq: ``[B]`` squared norms that set the clip factors: at least the squared norm of what
+        the sum adds for each example.
+      exact_sum: ``(c [B], names) -> {name: Σ_i c_i ∇_i}`` for the parameters ``names``, built
+        from each example's own gradient values (those the norms were computed from).
+      names: the parameters whose sum always comes from ``exact_sum`` (the rule holds their
+        per-example gradients anyway); the others come from the batched sum.
+      fallback: a scalar bool (traced) that is True where ``exact_sum`` must replace the
+        batched sum of every parameter for this batch (the Gram bound was too loose), or None.
+    """
 
     sq: jax.Array
-    grads: Mapping[str, jax.Array] | None = None
+    exact_sum: Callable[[jax.Array, tuple[str, ...]], dict[str, jax.Array]]
+    names: tuple[str, ...] = ()
+    fallback: jax.Array | None = None
 
 
-def dense_norms(inputs: jax.Array, grads: jax.Array, names: tuple[str, ...]) -> LayerNorms:
+def dense_norms(inputs: jax.Array, grads: jax.Array, names: tuple[str, ...],
+                weight_shape: tuple[int, ...] | None = None) -> LayerNorms:
     """``‖∇W_i‖² (+ ‖∇b_i‖²)`` of ``A @ W + b`` from ``A [B, ..., d]`` and ``G [B, ..., p]``."""
     a, g = _positions(inputs), _positions(grads)
     positions, d, p = a.shape[1], a.shape[2], g.shape[2]
-    materialised = None
-    if positions == 1:
-        w = jnp.sum(jnp.square(a), axis=(1, 2)) * jnp.sum(jnp.square(g), axis=(1, 2))
-    elif prefers_gram(positions, d, p):
-        aa = jnp.einsum("btd,bsd->bts", a, a)
-        gg = jnp.einsum("btp,bsp->bts", g, g)
-        w = jnp.sum(aa * gg, axis=(1, 2))
-    else:
-        per_example = jnp.einsum("btd,btp->bdp", a, g)
-        w = jnp.sum(jnp.square(per_example), axis=(1, 2))
-        materialised = {"w": per_example}
-    w = jnp.maximum(w, 0.0)  # the Gram form can cancel below zero in float32
+    shape = weight_shape or (d, p)
+
+    held = {}  # the per-example gradients this rule computes anyway
+    sq = jnp.zeros(a.shape[0], a.dtype)
     if "b" in names:
-        bias = jnp.sum(g, axis=1)  # [B, p]
-        w = w + jnp.sum(jnp.square(bias), axis=-1)
-        if materialised is not None:
-            materialised["b"] = bias
-    return LayerNorms(w, materialised)
+        held["b"] = jnp.sum(g, axis=1)  # [B, p]: each example's bias gradient
+        sq = jnp.sum(jnp.square(held["b"]), axis=-1)
+    fallback = None
+    if positions == 1:  # a rank-1 gradient: its norm is a product of two positive sums
+        w_sq = jnp.sum(jnp.square(a), axis=(1, 2)) * jnp.sum(jnp.square(g), axis=(1, 2))
+    elif prefers_gram(positions, d, p):
+        aa = jnp.einsum("btd,bsd->bts", a, a, precision=HIGHEST)
+        gg = jnp.einsum("btp,bsp->bts", g, g, precision=HIGHEST)
+        # Two sums of T terms each (a barrier keeps XLA from merging them into one of T²), so
+        # the bound's 2T holds whatever order each sum runs in.
+        gram = jnp.sum(lax.optimization_barrier(jnp.sum(aa * gg, axis=2)), axis=1)
+        bound = gram_rounding_bound(aa, gg, d, p)
+        # Always at least the exact value. Where the bound is loose (cancellation) the example
+        # is over-clipped, and the layer's sum for the batch is built from each example's own
+        # gradient (the fallback), so that its rounding stays relative to that gradient.
+        fallback = jnp.any(bound > GRAM_TOLERANCE * gram)
+        w_sq = gram + bound
+    else:
+        held["w"] = jnp.einsum("btd,btp->bdp", a, g, precision=HIGHEST)
+        w_sq = jnp.sum(jnp.square(held["w"]), axis=(1, 2))
+
+    def exact_sum(c, wanted):
+        sums = {name: _weighted(c, held[name]) for name in wanted if name in held}
+        if "w" in wanted and "w" not in held:
+            sums["w"] = _one_by_one_sum(a, g, c, jnp.sqrt(w_sq))
+        if "w" in sums:
+            sums["w"] = sums["w"].reshape(shape)
+        return sums
+
+    return LayerNorms(sq + w_sq, exact_sum, tuple(sorted(held)), fallback)
+
+
+def _one_by_one_sum(a: jax.Array, g: jax.Array, c: jax.Array, norms: jax.Array) -> jax.Array:
+    """``Σ_i c_i · A_iᵀ G_i``, one example at a time, each shrunk (if need be) to the norm its
+    clip factor was computed from: a second evaluation of the same product could round
+    differently, and the example must not count for more than its norm said."""
+    def add(total, item):
+        a_i, g_i, c_i, n_i = item
+        m = jnp.dot(a_i.T, g_i, precision=HIGHEST)
+        shrink = jnp.minimum(1.0, n_i / jnp.sqrt(jnp.sum(jnp.square(m))))  # 1 when m = 0
+        return total + (c_i * shrink).astype(m.dtype) * m, None
+
+    zeros = jnp.zeros((a.shape[2], g.shape[2]), a.dtype)
+    return lax.scan(add, zeros, (a, g, c, norms))[0]
 
 
 def dense_sq_norms(inputs: jax.Array, grads: jax.Array, names: tuple[str, ...]) -> jax.Array:
@@ -97,7 +200,7 @@ def dense_sq_norms(inputs: jax.Array, grads: jax.Array, names: tuple[str, ...]) 
 
 def extract_patches(x: jax.Array, kernel: tuple[int, int], strides: tuple[int, int],
                     padding: Any) -> jax.Array:
-    """``[B, H, W, C] -> [B, H', W', kh·kw·C]``: each output position's input window, in the
+    """``[N, H, W, C] -> [N, H', W', kh·kw·C]``: each output position's input window, in the
     ``(kh, kw, C)`` order of an HWIO kernel.
 
     Pads and takes ``kh·kw`` strided slices: memory moves only, where
@@ -113,48 +216,98 @@ def extract_patches(x: jax.Array, kernel: tuple[int, int], strides: tuple[int, i
     views = [x[:, i:i + strides[0] * (out_h - 1) + 1:strides[0],
                j:j + strides[1] * (out_w - 1) + 1:strides[1]]
              for i in range(kernel[0]) for j in range(kernel[1])]
-    return jnp.concatenate(views, axis=-1)  # [B, H', W', kh·kw·C], (kh, kw, C) order
+    return jnp.concatenate(views, axis=-1)  # [N, H', W', kh·kw·C], (kh, kw, C) order
 
 
 def conv_norms(inputs: jax.Array, grads: jax.Array, tap: LayerTap) -> LayerNorms:
-    """The conv rule: the input's patches are the dense rule's ``A`` over output positions."""
-    o = tap.options
-    if any(d != 1 for d in (*o["lhs_dilation"], *o["rhs_dilation"])):
-        # lax's patches order features (C, kh, kw): the norms hold, reuse would not.
-        patches = lax.conv_general_dilated_patches(inputs, **o)
-        return LayerNorms(dense_norms(patches, grads, tap.params).sq)
-    patches = extract_patches(inputs, o["filter_shape"], o["window_strides"], o["padding"])
-    return dense_norms(patches, grads, tap.params)
+    """The conv rule: the input's patches are the dense rule's ``A`` over output positions.
 
-
-def embed_sq_norms(ids: jax.Array, grads: jax.Array, vocab_size: int) -> jax.Array:
-    """``Σ_v ‖Σ_{t: id_t = v} g_t‖²`` per example, from ids ``[B, ...]`` and ``G [B, ..., D]``.
-
-    Repeated ids are grouped by one sort per example of ``id · T + t`` (ids and positions
-    packed in one int32 key: XLA:CPU sorts plain keys several times faster than key-value
-    pairs), each position learns its group, and the groups' gradients are summed: T buckets
-    per example, never a vocabulary-sized gradient.
+    ``inputs [B, n, H, W, C]`` and ``grads [B, n, H', W', O]`` (``n`` images per example: 1
+    for a network that convolves its input as it comes).
     """
-    ids = ids.reshape(ids.shape[0], -1).astype(jnp.int32)
-    g = _positions(grads)
+    o = tap.options
+    batch, channels = inputs.shape[0], inputs.shape[-1]
+    images = inputs.reshape(-1, *inputs.shape[-3:])
+    kernel = tuple(o["filter_shape"])
+    if any(d != 1 for d in (*o["lhs_dilation"], *o["rhs_dilation"])):
+        patches = lax.conv_general_dilated_patches(
+            images, kernel, o["window_strides"], o["padding"], lhs_dilation=o["lhs_dilation"],
+            rhs_dilation=o["rhs_dilation"], dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision=HIGHEST)
+        # lax orders a patch's features (C, kh, kw); the kernel's rows are (kh, kw, C).
+        patches = patches.reshape(*patches.shape[:-1], channels, *kernel)
+        patches = jnp.moveaxis(patches, -3, -1).reshape(*patches.shape[:3], -1)
+    else:
+        patches = extract_patches(images, kernel, o["window_strides"], o["padding"])
+    patches = patches.reshape(batch, -1, patches.shape[-1])
+    out = grads.shape[-1]
+    return dense_norms(patches, grads, tap.params, (*kernel, channels, out))
+
+
+def _group_repeated_ids(ids: jax.Array, vocab_size: int) -> tuple[jax.Array, jax.Array]:
+    """For ids ``[B, T]`` already in ``[0, V)``, each position's group (``[B, T]`` in
+    ``[0, T)``: equal ids share one) and each group's id (``[B, T]``; a group no position
+    uses has id 0 and will hold zeros)."""
     batch, steps = ids.shape
     rows = jnp.arange(batch)[:, None]
     if vocab_size * steps < 2 ** 31:
+        # ids and positions packed in one int32 key: XLA:CPU sorts plain keys several times
+        # faster than key-value pairs.
         packed = jnp.sort(ids * steps + jnp.arange(steps, dtype=jnp.int32), axis=1)
         sorted_ids, position = packed // steps, packed % steps
     else:  # ids too large to pack beside a position: sort (id, position) pairs instead
         position = jnp.argsort(ids, axis=1)
         sorted_ids = jnp.take_along_axis(ids, position, axis=1)
-    starts = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32),
-                              (sorted_ids[:, 1:] != sorted_ids[:, :-1]).astype(jnp.int32)], axis=1)
-    group = jnp.zeros((batch, steps), jnp.int32).at[rows, position].set(jnp.cumsum(starts, axis=1))
+    new = jnp.concatenate([jnp.ones((batch, 1), bool), sorted_ids[:, 1:] != sorted_ids[:, :-1]],
+                          axis=1)
+    in_order = jnp.cumsum(new, axis=1, dtype=jnp.int32) - 1  # group of each sorted position
+    group = jnp.zeros((batch, steps), jnp.int32).at[rows, position].set(in_order)
+    # Each group's id, added once (by its first member) into its slot.
+    group_ids = jnp.zeros((batch, steps), jnp.int32).at[rows, in_order].add(
+        jnp.where(new, sorted_ids, 0))
+    return group, group_ids
+
+
+def embed_norms(ids: jax.Array, grads: jax.Array, vocab_size: int) -> LayerNorms:
+    """``Σ_v ‖Σ_{t: id_t = v} g_t‖²`` per example, from ids ``[B, ...]`` and ``G [B, ..., D]``.
+
+    Ids map as ``hk.Embed``'s lookup maps them and as its gradient lands: an id below 0 wraps
+    once (``V + id``), and one that is still outside ``[0, V)`` adds to no row (the lookup's
+    gather clamps it, its transposed scatter drops it). Repeated ids are grouped by one sort
+    per example: T buckets per example, never a vocabulary-sized gradient. The sum reuses the
+    groups' gradients, so each example adds exactly the rows its norm was computed from.
+    """
+    ids = ids.reshape(ids.shape[0], -1).astype(jnp.int32)
+    g = _positions(grads)
+    batch, steps = ids.shape
+    wrapped = jnp.where(ids < 0, ids + vocab_size, ids)
+    valid = (wrapped >= 0) & (wrapped < vocab_size)
+    # A position that adds to no row gets a zero gradient and any id in range: it then adds
+    # exactly nothing to whichever group it joins.
+    keys = jnp.where(valid, wrapped, 0)
+    g = jnp.where(valid[..., None], g, jnp.zeros_like(g))
+    group, group_ids = _group_repeated_ids(keys, vocab_size)
+    rows = jnp.arange(batch)[:, None]
     sums = jnp.zeros(g.shape, g.dtype).at[rows, group].add(g)  # [B, T, D]: ≤ T groups
-    return jnp.sum(jnp.square(sums), axis=(1, 2))
+
+    def exact_sum(c, wanted=("embeddings",)):
+        del wanted  # the table is the layer's only parameter
+        scaled = sums * c.astype(sums.dtype)[:, None, None]
+        table = jnp.zeros((vocab_size, g.shape[-1]), g.dtype)
+        return {"embeddings": table.at[group_ids.reshape(-1)].add(
+            scaled.reshape(-1, g.shape[-1]))}
+
+    return LayerNorms(jnp.sum(jnp.square(sums), axis=(1, 2)), exact_sum, ("embeddings",))
+
+
+def embed_sq_norms(ids: jax.Array, grads: jax.Array, vocab_size: int) -> jax.Array:
+    """The embed rule's per-example squared norms alone (see :func:`embed_norms`)."""
+    return embed_norms(ids, grads, vocab_size).sq
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """How one layer kind gives per-example squared norms: ``sq_norms(inputs, G, tap) -> [B]``."""
+    """How one layer kind gives per-example squared norms: ``norms(inputs, G, tap)``."""
 
     norms: Callable[[jax.Array, jax.Array, LayerTap], LayerNorms]
     description: str
@@ -166,8 +319,7 @@ RULES: Mapping[str, Rule] = {
                   "hk.Linear (and dense maps over positions or time): ‖a‖²‖g‖², or Gram / "
                   "materialised over positions, whichever is cheaper"),
     "conv2d": Rule(conv_norms, "hk.Conv2D: patches, then the dense rule over positions"),
-    "embed": Rule(lambda ids, g, tap: LayerNorms(embed_sq_norms(ids, g,
-                                                                tap.options["vocab_size"])),
+    "embed": Rule(lambda ids, g, tap: embed_norms(ids, g, tap.options["vocab_size"]),
                   "hk.Embed: segment sum over repeated ids"),
 }
 
@@ -193,21 +345,18 @@ def _check_coverage(params: Mapping[str, Mapping[str, jax.Array]],
                                    f"no rule (kinds: {', '.join(RULES)})")
 
 
-def _scale(c: jax.Array, g: jax.Array) -> jax.Array:
-    return g * c.reshape((-1,) + (1,) * (g.ndim - 1)).astype(g.dtype)
-
-
 def ghost_clipped_sum(loss: LayeredLoss, params: PyTree, x: jax.Array, y: jax.Array,
                       clip_norm: float | jax.Array, mask: jax.Array | None = None,
                       mode: str = "bookkeeping") -> PyTree:
     """``Σ_i mask_i · g_i · min(1, C/‖g_i‖)`` from per-layer rules, no per-example gradients.
 
-    Equal to :func:`ablation.core.engines.vmap_sum` (to float rounding). Padded slots
-    (``mask <= 0``) get a zero input and label before the pass, so they contribute exactly
-    nothing whatever they held.
+    Equal to :func:`ablation.core.engines.vmap_sum` (to float rounding, and to the Gram form's
+    documented over-clipping of at most :data:`GRAM_TOLERANCE`). Padded slots (``mask <= 0``)
+    hold a copy of a kept example and get a clip factor of exactly 0.
 
     Raises:
-      GhostUnsupported: a parameter no rule covers, or a layer used twice (names the layer).
+      GhostUnsupported: a parameter no rule covers, a layer used twice, a parameter used
+        outside its layer, a subclassed or transformed layer (the message names it).
     """
     if mode not in MODES:
         raise ValueError(f"unknown ghost mode {mode!r}; valid: {', '.join(MODES)}")
@@ -217,10 +366,9 @@ def ghost_clipped_sum(loss: LayeredLoss, params: PyTree, x: jax.Array, y: jax.Ar
     keep = None
     if mask is not None:
         keep = mask > 0
-        x = jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x))
-        y = jnp.where(keep, y, jnp.zeros_like(y))
+        x, y = fill_padded(x, y, keep)
 
-    norms, inputs, out_grads, layers = _tapped_pass(loss, params, x, y, keep)
+    norms, inputs, out_grads, layers = _tapped_pass(loss, params, x, y)
     sq_norms = sum(n.sq for n in norms.values())
     scale = jnp.minimum(1.0, clip_norm / jnp.sqrt(sq_norms))  # [B]; 1 for a zero gradient
     if keep is not None:
@@ -228,81 +376,123 @@ def ghost_clipped_sum(loss: LayeredLoss, params: PyTree, x: jax.Array, y: jax.Ar
 
     if mode == "two_pass":
         c = lax.stop_gradient(scale)
-        return jax.grad(lambda p: jnp.sum(c * loss.batch_losses(p, x, y)))(params)
+        batched = jax.grad(lambda p: jnp.sum(c * loss.batch_losses(p, x, y)))(params)
     grads = {}
     for scope, tap in layers.items():
-        materialised = norms[scope].grads
-        if materialised is not None:  # the rule already holds each example's gradient
-            grads[scope] = {name: jnp.tensordot(scale.astype(g.dtype), g, axes=1).reshape(
-                params[scope][name].shape) for name, g in materialised.items()}
-            continue
-        _, vjp = jax.vjp(lambda layer: tap.apply(layer, inputs[scope]), dict(params[scope]))
-        grads[scope] = vjp(_scale(scale, out_grads[scope]))[0]
-    return type(params)(grads) if isinstance(params, dict) else grads
+        rule = norms[scope]
+        if mode == "two_pass":
+            layer = {n: g for n, g in batched[scope].items() if n not in rule.names}
+        else:
+            layer = _bookkeeping_sum(tap, params[scope], inputs[scope], out_grads[scope], scale,
+                                     skip=rule.names)
+        layer.update(rule.exact_sum(scale, rule.names))
+        if rule.fallback is not None:  # the Gram bound was loose: every example's own gradient
+            names = tuple(layer)
+            layer = lax.cond(rule.fallback, lambda c: rule.exact_sum(c, names),
+                             lambda c: layer, scale)
+        grads[scope] = {name: layer[name] for name in params[scope]}
+    grads = type(params)(grads) if isinstance(params, dict) else grads
+    return grads if keep is None else zero_unless_any(keep, grads)
 
 
-def _discover(loss: LayeredLoss, params: PyTree, x: jax.Array, y: jax.Array):
-    """The taps' kinds and shapes, from abstract passes (nothing is computed).
+def _bookkeeping_sum(tap: LayerTap, layer_params: Mapping[str, jax.Array], inputs: jax.Array,
+                     out_grads: jax.Array, scale: jax.Array, skip: tuple[str, ...]) -> dict:
+    """``Σ_i c_i ∇_layer ℓ_i`` as one VJP of the layer at the stored inputs, for the parameters
+    the rule does not already hold per example (``skip``: those come from its exact sum)."""
+    names = [n for n in layer_params if n not in skip]
+    if not names:
+        return {}
+    scaled = out_grads * scale.reshape((-1,) + (1,) * (out_grads.ndim - 1)).astype(
+        out_grads.dtype)
+    if tap.kind == "conv2d":  # [B, n, H, W, C] examples of n images: the layer sees N = B·n
+        inputs = inputs.reshape(-1, *inputs.shape[-3:])
+        scaled = scaled.reshape(-1, *scaled.shape[-3:])
+    fixed = {n: v for n, v in layer_params.items() if n not in names}
+    _, vjp = jax.vjp(lambda free: tap.apply({**fixed, **free}, inputs),
+                     {n: layer_params[n] for n in names})
+    return dict(vjp(scaled)[0])
 
-    Every rule takes axis 0 of a layer's input and output gradient as the example axis. That
-    holds only for a layer applied to the batch as it comes; a layer fed flattened examples
-    (``[B·T, d]``) or a time-major ``[T, B, d]`` would give a wrong sum without any error. So
-    the pass runs at two batch sizes, and a tap whose leading axis does not follow the batch
-    is refused, naming the layer.
-    """
+
+def _discover(loss: LayeredLoss, params: PyTree, x1: Any, y1: Any):
+    """The taps of one example's pass, found by tracing it once (nothing is computed): its
+    layers, their output shapes, and the structural check of every parameter's uses."""
     found: list[Any] = []
 
     def discover(p, a, b):
-        losses, _, recorder = loss.tapped(p, a, b, None)
+        value, _, recorder = loss.tapped_example(p, None, a, b)
         found.append(recorder)
-        return losses
-
-    def one_more(a):
-        return jax.ShapeDtypeStruct((a.shape[0] + 1, *a.shape[1:]), a.dtype)
+        return value
 
     try:
-        jax.eval_shape(discover, params, x, y)
-        jax.eval_shape(discover, params, one_more(x), one_more(y))
+        closed = jax.make_jaxpr(discover)(params, x1, y1)
     except jax.errors.UnexpectedTracerError as error:
         raise GhostUnsupported("ghost: a tapped layer runs inside a transformation of the "
-                               "network (hk.scan, hk.vmap, hk.remat, ...), where its per-example "
-                               "inputs are not visible; apply layers to the batch directly, or "
-                               "tap them by hand (models/nets.py's LSTM)") from error
-    first, second = found[0], found[1]
-    batch = x.shape[0]
-    for scope in first.layers:
-        shapes = {"input": (first.inputs[scope].shape, second.inputs[scope].shape),
-                  "output": (first.outputs[scope].shape, second.outputs[scope].shape)}
-        for what, (a, b) in shapes.items():
-            if not a or not b or a[0] != batch or b[0] != batch + 1:
-                raise GhostUnsupported(f"ghost: layer {scope!r}'s {what} {a} does not have the "
-                                       f"examples on its first axis (batch {batch}); the rules "
-                                       "need each example's rows apart")
-    return first
+                               "network (jax.lax.scan, jax.checkpoint, ...), where its "
+                               "per-example inputs are not visible; apply layers to the "
+                               "batch directly, or tap them by hand (models/nets.py's LSTM)"
+                               ) from error
+    recorder = found[-1]
+    _check_coverage(params, recorder.layers)
+    paths = [(_key_name(path[0]), _key_name(path[-1]))
+             for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    check_parameter_uses(closed, paths, recorder.regions)
+    return recorder
 
 
-def _tapped_pass(loss: LayeredLoss, params: PyTree, x: jax.Array, y: jax.Array,
-                 keep: jax.Array | None):
-    """One tapped forward and backward pass: per-example squared norms ``[B]``, each layer's
-    input and output gradient, and the layers' taps."""
-    recorder = _discover(loss, params, x, y)
+def _key_name(key: Any) -> str:
+    return str(getattr(key, "key", getattr(key, "name", key)))
+
+
+def _tapped_pass(loss: LayeredLoss, params: PyTree, x: jax.Array, y: jax.Array):
+    """Every example's tapped pass, vmapped: per-layer norms, each layer's inputs and output
+    gradients ``[B, ...]`` (one row per example), and the layers' taps."""
+    one = lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype)  # noqa: E731
+    recorder = _discover(loss, params, one(x), one(y))
     layers = dict(recorder.layers)
-    _check_coverage(params, layers)
     zeros = {scope: jnp.zeros(s.shape, s.dtype) for scope, s in recorder.outputs.items()}
 
-    def summed(perturbations):
-        losses, inputs, _ = loss.tapped(params, x, y, perturbations)
-        if keep is not None:
-            losses = jnp.where(keep, losses, 0.0)
-        return jnp.sum(losses), inputs
+    def example(perturbations, x1, y1):
+        value, inputs, _ = loss.tapped_example(params, perturbations, x1, y1)
+        return value, inputs
 
-    (_, inputs), out_grads = jax.value_and_grad(summed, has_aux=True)(zeros)
+    grad = jax.grad(example, has_aux=True)
+    out_grads, inputs = jax.vmap(grad, in_axes=(None, 0, 0))(zeros, x, y)
     norms = {scope: RULES[tap.kind].norms(inputs[scope], out_grads[scope], tap)
              for scope, tap in layers.items()}
     return norms, inputs, out_grads, layers
 
 
+def layer_rules(loss: LayeredLoss, params: PyTree, x1: Any, y1: Any) -> dict[str, str]:
+    """How the ghost engine clips each layer of ``loss``'s network, for examples shaped like
+    ``x1`` (one example, no batch axis; arrays or ``ShapeDtypeStruct``s): ``{scope: rule}``,
+    e.g. ``dense``, ``dense: gram over 25 positions``, ``conv2d: materialised over 196
+    positions``, ``embed: segment sum over 256 ids``.
+
+    Raises:
+      GhostUnsupported: as :func:`ghost_clipped_sum` would, naming the layer.
+    """
+    one = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))  # noqa: E731
+    recorder = _discover(loss, params, one(x1), one(y1))
+    rules = {}
+    for scope, tap in recorder.layers.items():
+        inputs, outputs = recorder.input_shapes[scope], recorder.outputs[scope].shape
+        if tap.kind == "embed":
+            rules[scope] = f"embed: segment sum over {int(np.prod(inputs))} ids"
+            continue
+        features = inputs[-1]
+        if tap.kind == "conv2d":
+            kh, kw = tap.options["filter_shape"]
+            features *= kh * kw
+        positions = int(np.prod(outputs[:-1]))
+        if positions == 1:
+            rules[scope] = tap.kind
+            continue
+        form = "gram" if prefers_gram(positions, features, outputs[-1]) else "materialised"
+        rules[scope] = f"{tap.kind}: {form} over {positions} positions"
+    return rules
+
+
 def per_example_sq_norms(loss: LayeredLoss, params: PyTree, x: jax.Array,
                          y: jax.Array) -> jax.Array:
     """``‖g_i‖²`` of every example by the rules (what the clip factors are made of)."""
-    return sum(n.sq for n in _tapped_pass(loss, params, x, y, None)[0].values())
+    return sum(n.sq for n in _tapped_pass(loss, params, x, y)[0].values())

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ablation.core import clipping
+from ablation.core import clipping, masking
 
 PyTree = Any
 #: ``loss_fn(params, x1, y1) -> scalar`` for ONE example (no batch axis).
@@ -127,11 +127,19 @@ def get_engine(engine: Engine | str, loop: str | None = None,
 # Input checks shared by the public entry points (one-line messages).
 
 
+#: The smallest clip norm accepted: well inside float32's normal range (whose smallest value is
+#: ~1.2e-38), so that ``C`` reaches the device as itself and ``C / ‖g‖`` is never ``0 / 0``.
+MIN_CLIP_NORM = 1e-30
+
+
 def check_clip_norm(clip_norm: float) -> float:
-    """``clip_norm`` as a float; it must be > 0 (``inf`` means no clipping)."""
+    """``clip_norm`` as a float; it must be ≥ :data:`MIN_CLIP_NORM` (``inf``: no clipping)."""
     value = float(clip_norm)
     if math.isnan(value) or value <= 0:
         raise ValueError(f"clip_norm must be a positive number or inf, got {clip_norm}")
+    if value < MIN_CLIP_NORM:
+        raise ValueError(f"clip_norm must be at least {MIN_CLIP_NORM:g} (a normal float32), "
+                         f"got {clip_norm}")
     return value
 
 
@@ -227,23 +235,23 @@ def batched_sum(loss_fn: LossFn, params: PyTree, x: jax.Array, y: jax.Array,
     """The non-private vectorised gradient: one backward pass of the batch's summed loss.
 
     No per-example gradients exist, so there is nothing to clip (``clip_norm`` must be None).
-    Padded slots get a zero input and label before the forward pass and their losses are
-    selected away, so their contribution is exactly zero whatever the slot held.
+    Padded slots hold a copy of a kept example (:func:`ablation.core.masking.fill_padded`) and
+    their losses are selected away, so their contribution is exactly zero whatever the slot
+    held, even where the network is NaN at a zero input.
     """
     if clip_norm is not None:
         raise ValueError("batched_sum computes no per-example gradients and cannot clip them")
-    if mask is not None:
-        keep = mask > 0
-        x = jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x))
-        y = jnp.where(keep, y, jnp.zeros_like(y))
+    if mask is None:
+        return jax.grad(lambda p: jnp.sum(jax.vmap(loss_fn, in_axes=(None, 0, 0))(p, x, y)))(
+            params)
+    keep = mask > 0
+    x, y = masking.fill_padded(x, y, keep)
 
     def total_loss(p):
         losses = jax.vmap(loss_fn, in_axes=(None, 0, 0))(p, x, y)
-        if mask is not None:
-            losses = jnp.where(keep, losses, 0.0)
-        return jnp.sum(losses)
+        return jnp.sum(jnp.where(keep, losses, 0.0))
 
-    return jax.grad(total_loss)(params)
+    return masking.zero_unless_any(keep, jax.grad(total_loss)(params))
 
 
 def ghost_sum(loss_fn: LossFn, params: PyTree, x: jax.Array, y: jax.Array,

@@ -1,19 +1,27 @@
 """Taps: where the ghost engine sees each parameterised layer of a Haiku network.
 
-A *tapped* forward pass runs a network with every parameterised layer reporting three things:
+A *tapped* pass runs a network on ONE example (a batch of one, the same per-example loss every
+other engine differentiates) with every parameterised layer reporting three things:
 
 * its kind (a key of :data:`ablation.core.clipping.RULES`) and the module scope that holds its
   parameters (``linear_1``, ``conv2_d``, ``lstm/linear``: the keys of the parameter dict);
 * its input as the layer saw it, and ``apply(layer_params, input) -> output``, the layer as a
   function of its parameters (linear in them), which the rules and book-keeping differentiate;
-* its output, to which the tap adds a zero "perturbation": the gradient of the summed loss with
-  respect to that zero is the layer's output gradient, one row per example.
+* its output, to which the tap adds a zero "perturbation": the gradient of the example's loss
+  with respect to that zero is the layer's output gradient.
 
-Stock Haiku layers (``hk.Linear``, ``hk.Conv2D``, ``hk.Embed``) are tapped by method
-interception, so any network built from them is tapped without changing it. A layer the
-interceptor cannot see (the lstm's gate projection, whose recurrent half runs inside a scan)
-calls :func:`tap_output` and :func:`tap_input` itself; both do nothing outside a tapped pass.
-Parameter trees are never changed: a tapped network has exactly the untapped one's parameters.
+The ghost engine ``vmap``s that pass over the examples, so examples cannot interact (a network
+that mixes the rows of its batch sees a batch of one, exactly as under ``both``).
+
+Stock Haiku layers (exactly ``hk.Linear``, ``hk.Conv2D``, ``hk.Embed``; a subclass only once
+:func:`register_equivalent` says it computes what its base computes) are tapped by method
+interception, so any network built from them is tapped without changing it. Each tapped call
+runs inside a named *region*; :func:`check_parameter_uses` then reads the traced program and
+refuses a parameter consumed anywhere but inside its own layer's region (tied weights, a second
+use through ``params_dict()``, a custom getter's transform). A layer the interceptor cannot see
+(the lstm's gate projection, whose recurrent half runs inside a scan) opens its region with
+:func:`tap_region` and calls :func:`tap_output` and :func:`tap_input` itself; all three do
+nothing outside a tapped pass. Parameter trees are never changed.
 """
 
 from __future__ import annotations
@@ -22,16 +30,21 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import re
 from typing import Any, Callable, Iterator, Mapping
 
 import haiku as hk
 import jax
+import jax.extend.core as jax_core
 import jax.numpy as jnp
 from jax import lax
 
 PyTree = Any
 #: ``apply(layer_params, inputs) -> outputs``: a layer as a function of its parameters.
 LayerApply = Callable[[Mapping[str, jax.Array], jax.Array], jax.Array]
+#: The rules' and the layers' own contractions run at full float32 precision on every backend
+#: (TF32 or bf16 passes on GPUs/TPUs would make the clip norm disagree with the summed gradient).
+HIGHEST = lax.Precision.HIGHEST
 
 
 class GhostUnsupported(ValueError):
@@ -47,8 +60,8 @@ class LayerTap:
         or ``embed``.
       apply: the layer as a function of its parameters (see the module docstring).
       params: the parameter names of the layer's scope that ``apply`` consumes.
-      options: what the kind's rule needs besides arrays: for ``conv2d`` the keyword arguments
-        of ``lax.conv_general_dilated_patches``, for ``embed`` the ``vocab_size``.
+      options: what the kind's rule needs besides arrays: for ``conv2d`` the kernel shape,
+        strides, padding and dilations, for ``embed`` the ``vocab_size``.
     """
 
     kind: str
@@ -57,49 +70,101 @@ class LayerTap:
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
+_REGION = "ghost_tap_"
+_REGION_PATTERN = re.compile(rf"{_REGION}(\d+)")
+
+
 class Recorder:
-    """Collects the taps of one traced forward pass.
+    """Collects the taps of one traced pass.
 
     ``perturbations`` (scope → zeros shaped like the layer's output) are added at each
-    output; with None the pass only records (shapes are learned this way first).
+    output; with None the pass only records (shapes and regions are learned this way first).
     """
 
     def __init__(self, perturbations: Mapping[str, jax.Array] | None = None):
         self.perturbations = perturbations
         self.layers: dict[str, LayerTap] = {}
         self.inputs: dict[str, jax.Array] = {}
+        self.input_shapes: dict[str, tuple[int, ...]] = {}
         self.outputs: dict[str, jax.ShapeDtypeStruct] = {}
+        self.regions: list[str] = []  # region i of the traced program is layer regions[i]
+        self.frame: Any = None  # the Haiku frame of the tapped network (set when it starts)
 
     def record(self, scope: str, tap: LayerTap, inputs: jax.Array) -> None:
+        self.check_context(scope)
         if scope in self.layers:
             raise GhostUnsupported(f"ghost: layer {scope!r} is applied more than once in one "
                                    "forward pass (shared weights); its per-example gradient "
                                    "norm has cross terms no layer rule computes")
         self.layers[scope] = tap
         self.inputs[scope] = inputs
+        self.input_shapes[scope] = tuple(jnp.shape(inputs))
 
     def perturb(self, scope: str, output: jax.Array) -> jax.Array:
+        self.check_context(scope)
         self.outputs[scope] = jax.ShapeDtypeStruct(output.shape, output.dtype)
         if self.perturbations is None:
             return output
         return output + self.perturbations[scope]
+
+    @contextlib.contextmanager
+    def region(self, scope: str) -> Iterator[None]:
+        """Mark every operation traced inside as belonging to layer ``scope``."""
+        self.check_context(scope)
+        self.regions.append(scope)
+        with jax.named_scope(f"{_REGION}{len(self.regions) - 1}"):
+            yield
+
+    def check_context(self, scope: str) -> None:
+        """Refuse a layer called where its taps would be wrong or invisible."""
+        frame = _haiku_frame()
+        if self.frame is not None and frame is not self.frame:
+            raise GhostUnsupported(f"ghost: layer {scope!r} runs inside a Haiku transformation "
+                                   "of the network (hk.remat, hk.scan, hk.dynamic_unroll, "
+                                   "hk.vmap, hk.cond, ...), where its per-example inputs are "
+                                   "not visible to the rules; apply layers to the batch "
+                                   "directly, or tap them by hand (models/nets.py's LSTM)")
+        if _custom_getters_active():
+            raise GhostUnsupported(f"ghost: layer {scope!r} runs under hk.custom_getter, which "
+                                   "may transform its parameters before use; the rules "
+                                   "differentiate the stock layer of the raw parameters")
+
+
+def _haiku_frame() -> Any:
+    from haiku._src import base  # Haiku's frame stack: a lifted transform pushes a new frame
+    return base.current_frame()
+
+
+def _custom_getters_active() -> bool:
+    from haiku._src import base
+    return bool(base.param_getter_stack)
 
 
 _ACTIVE: contextvars.ContextVar[Recorder | None] = contextvars.ContextVar("ghost_taps",
                                                                          default=None)
 
 
+def _active() -> Recorder | None:
+    return _ACTIVE.get()
+
+
 def tap_output(scope: str, output: jax.Array) -> jax.Array:
     """A layer's output, with the tap's zero added in a tapped pass (identity otherwise)."""
-    recorder = _ACTIVE.get()
+    recorder = _active()
     return output if recorder is None else recorder.perturb(scope, output)
 
 
 def tap_input(scope: str, tap: LayerTap, inputs: jax.Array) -> None:
     """Report a layer's input and kind in a tapped pass (nothing otherwise)."""
-    recorder = _ACTIVE.get()
+    recorder = _active()
     if recorder is not None:
         recorder.record(scope, tap, inputs)
+
+
+def tap_region(scope: str) -> contextlib.AbstractContextManager:
+    """The region of a hand-tapped layer: every use of its parameters must lie inside."""
+    recorder = _active()
+    return contextlib.nullcontext() if recorder is None else recorder.region(scope)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,67 +173,103 @@ def tap_input(scope: str, tap: LayerTap, inputs: jax.Array) -> None:
 
 def dense_apply(params: Mapping[str, jax.Array], inputs: jax.Array) -> jax.Array:
     """``inputs @ w (+ b)``: hk.Linear over the last axis."""
-    out = jnp.dot(inputs, params["w"])
+    out = jnp.dot(inputs, params["w"], precision=HIGHEST)
     return out + params["b"] if "b" in params else out
 
 
 def embed_apply(params: Mapping[str, jax.Array], ids: jax.Array) -> jax.Array:
-    """``embeddings[ids]``: hk.Embed's default lookup."""
-    return jnp.take(params["embeddings"], ids, axis=0)
+    """``embeddings[ids]``: hk.Embed's ARRAY_INDEX lookup, indexed exactly as it indexes (ids
+    below 0 wrap once, a gather clamps, and its gradient drops what lies outside the table)."""
+    return jnp.asarray(params["embeddings"])[(ids,)]
 
 
 def _conv_tap(module: hk.Conv2D) -> LayerTap:
     if module.mask is not None or module.channel_index != -1:
         raise GhostUnsupported(f"ghost: conv layer {module.module_name!r} is masked or "
                                "channels-first; the conv rule covers unmasked NHWC convolutions")
+    if module.feature_group_count != 1:
+        raise GhostUnsupported(f"ghost: conv layer {module.module_name!r} is grouped; the conv "
+                               "rule covers ungrouped convolutions")
     conv = dict(window_strides=tuple(module.stride), padding=module.padding,
                 lhs_dilation=tuple(module.lhs_dilation),
                 rhs_dilation=tuple(module.kernel_dilation),
-                dimension_numbers=module.dimension_numbers,
-                feature_group_count=module.feature_group_count)
+                dimension_numbers=module.dimension_numbers)
 
     def apply(params, inputs):
-        out = lax.conv_general_dilated(inputs, params["w"], **conv)
+        out = lax.conv_general_dilated(inputs, params["w"], precision=HIGHEST, **conv)
         return out + params["b"] if "b" in params else out
 
     names = ("w", "b") if module.with_bias else ("w",)
     patches = dict(filter_shape=tuple(module.kernel_shape), window_strides=conv["window_strides"],
                    padding=module.padding, lhs_dilation=conv["lhs_dilation"],
-                   rhs_dilation=conv["rhs_dilation"],
-                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    if module.feature_group_count != 1:
-        raise GhostUnsupported(f"ghost: conv layer {module.module_name!r} is grouped; the conv "
-                               "rule covers ungrouped convolutions")
+                   rhs_dilation=conv["rhs_dilation"])
     return LayerTap("conv2d", apply, names, patches)
 
 
-def _stock_tap(module: hk.Module) -> LayerTap | None:
-    if isinstance(module, hk.Linear):
-        return LayerTap("dense", dense_apply, ("w", "b") if module.with_bias else ("w",))
-    if isinstance(module, hk.Conv2D):
-        return _conv_tap(module)
-    if isinstance(module, hk.Embed):
-        style = getattr(module.lookup_style, "name", module.lookup_style)
-        if str(style).upper() != "ARRAY_INDEX":
-            raise GhostUnsupported(f"ghost: embedding {module.module_name!r} uses lookup style "
-                                   f"{module.lookup_style}; the embed rule covers ARRAY_INDEX")
-        return LayerTap("embed", embed_apply, ("embeddings",), {"vocab_size": module.vocab_size})
-    return None
+def _linear_tap(module: hk.Linear) -> LayerTap:
+    return LayerTap("dense", dense_apply, ("w", "b") if module.with_bias else ("w",))
+
+
+def _embed_tap(module: hk.Embed) -> LayerTap:
+    style = getattr(module.lookup_style, "name", module.lookup_style)
+    if str(style).upper() != "ARRAY_INDEX":
+        raise GhostUnsupported(f"ghost: embedding {module.module_name!r} uses lookup style "
+                               f"{module.lookup_style}; the embed rule covers ARRAY_INDEX")
+    return LayerTap("embed", embed_apply, ("embeddings",), {"vocab_size": module.vocab_size})
+
+
+#: Exact module types the interceptor taps, and how. A subclass of one of these may compute
+#: something else (an overridden ``__call__``); it is refused unless registered as equivalent.
+_STOCK: dict[type, Callable[[Any], LayerTap]] = {
+    hk.Linear: _linear_tap, hk.Conv2D: _conv_tap, hk.Embed: _embed_tap}
+_EQUIVALENT: dict[type, type] = {}
+
+
+def register_equivalent(subclass: type, stock: type) -> None:
+    """Declare that ``subclass`` computes exactly what the stock layer ``stock`` computes from
+    the same parameters (e.g. a subclass that only adds a method), so the ghost engine taps it
+    with ``stock``'s rule. The declaration is the user's: nothing checks the arithmetic."""
+    if stock not in _STOCK:
+        raise ValueError(f"{stock.__name__} is not a tapped layer; tapped: "
+                         f"{', '.join(t.__name__ for t in _STOCK)}")
+    if not (isinstance(subclass, type) and issubclass(subclass, stock)):
+        raise ValueError(f"{subclass!r} is not a subclass of {stock.__name__}")
+    _EQUIVALENT[subclass] = stock
+
+
+def _stock_tap(module: hk.Module, call_kwargs: Mapping[str, Any]) -> LayerTap | None:
+    kind = type(module)
+    stock = kind if kind in _STOCK else _EQUIVALENT.get(kind)
+    if stock is None:
+        for base in _STOCK:
+            if isinstance(module, base):
+                raise GhostUnsupported(
+                    f"ghost: layer {module.module_name!r} is a {kind.__name__}, a subclass of "
+                    f"hk.{base.__name__} that may compute something else; the {base.__name__} "
+                    "rule covers the stock class (ablation.core.taps.register_equivalent("
+                    f"{kind.__name__}, hk.{base.__name__}) if it computes the same)")
+        return None
+    style = call_kwargs.get("lookup_style")
+    if style is not None and str(getattr(style, "name", style)).upper() != "ARRAY_INDEX":
+        raise GhostUnsupported(f"ghost: embedding {module.module_name!r} is called with lookup "
+                               f"style {style}; the embed rule covers ARRAY_INDEX")
+    return _STOCK[stock](module)
 
 
 def _intercept(recorder: Recorder):
     def interceptor(next_fun, args, kwargs, context):
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
-        tap = _stock_tap(context.module)
+        tap = _stock_tap(context.module, kwargs)
         if tap is None:
             return next_fun(*args, **kwargs)
+        scope = context.module.module_name
         inputs = args[0] if args else kwargs.get("inputs", kwargs.get("ids"))
         if tap.kind == "conv2d" and jnp.ndim(inputs) != 4:
-            raise GhostUnsupported(f"ghost: conv layer {context.module.module_name!r} got an "
-                                   "unbatched input; taps need [B, H, W, C]")
-        output = next_fun(*args, **kwargs)
-        scope = context.module.module_name
+            raise GhostUnsupported(f"ghost: conv layer {scope!r} got an input of shape "
+                                   f"{jnp.shape(inputs)}; the conv rule needs [N, H, W, C]")
+        with recorder.region(scope):
+            output = next_fun(*args, **kwargs)
         recorder.record(scope, tap, inputs)
         return recorder.perturb(scope, output)
     return interceptor
@@ -177,12 +278,56 @@ def _intercept(recorder: Recorder):
 @contextlib.contextmanager
 def recording(recorder: Recorder) -> Iterator[Recorder]:
     """Tap every layer of the Haiku network called inside (use within ``hk.transform``)."""
+    recorder.frame = _haiku_frame()
     token = _ACTIVE.set(recorder)
     try:
         with hk.intercept_methods(_intercept(recorder)):
             yield recorder
     finally:
         _ACTIVE.reset(token)
+
+
+# ---------------------------------------------------------------------------------------------
+# The structural check: every parameter is consumed only inside its own layer.
+
+
+def _region_of(eqn: Any, regions: list[str]) -> str | None:
+    """The layer whose region (innermost) an equation of the traced program belongs to."""
+    found = _REGION_PATTERN.findall(str(eqn.source_info.name_stack))
+    return regions[int(found[-1])] if found else None
+
+
+def check_parameter_uses(closed_jaxpr: Any, param_paths: list[tuple[str, str]],
+                         regions: list[str]) -> None:
+    """Refuse any parameter that the traced per-example loss consumes outside its own layer.
+
+    ``closed_jaxpr`` is the traced pass, whose first ``len(param_paths)`` inputs are the
+    parameter leaves named ``(scope, name)`` in ``param_paths``. The rules compute the gradient
+    of a layer's parameters through that layer's output alone; a parameter read anywhere else
+    (an embedding reused as the output projection, ``params_dict()`` of another layer, a
+    transform applied before the call) would add a gradient no rule sees, so the per-example
+    norm would be too small and the clipped example could count for more than C.
+
+    Raises:
+      GhostUnsupported: naming the parameter, its layer and where else it is used.
+    """
+    jaxpr = closed_jaxpr.jaxpr
+    owner = {var: path for var, path in zip(jaxpr.invars, param_paths)}
+    for eqn in jaxpr.eqns:
+        for var in eqn.invars:
+            path = owner.get(var) if isinstance(var, jax_core.Var) else None
+            if path is None:
+                continue
+            scope, name = path
+            region = _region_of(eqn, regions)
+            if region != scope:
+                where = (f"inside layer {region!r}" if region is not None else
+                         f"outside any tapped layer ({eqn.primitive.name} at "
+                         f"{str(eqn.source_info.name_stack) or 'the top level'})")
+                raise GhostUnsupported(
+                    f"ghost: parameter {scope}/{name} is used by its layer {scope!r} and also "
+                    f"{where}: tied or reused weights get a gradient from both uses, which no "
+                    "layer rule adds up; untie the weights, or use another engine")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,12 +339,12 @@ class LayeredLoss:
     """A per-example loss whose network is a Haiku function, so its layers can be tapped.
 
     Called as ``loss(params, x1, y1)`` it is the usual per-example loss of
-    :func:`ablation.clipped_grad_sum` (ONE example, no batch axis), which every engine takes;
-    the ghost engine also uses :meth:`batch_losses` and :meth:`tapped`.
+    :func:`ablation.clipped_grad_sum` (ONE example, no batch axis): the network sees a batch
+    of one. The ghost engine evaluates exactly that loss, tapped (:meth:`tapped_example`).
 
     Attributes:
       network: the Haiku function ``inputs [B, ...] -> outputs [B, K]`` (untransformed).
-      output_loss: ``(outputs [K], label []) -> scalar``: the loss of one example's outputs.
+      output_loss: ``(outputs [K], label) -> scalar``: the loss of one example's outputs.
     """
 
     network: Callable[[jax.Array], jax.Array]
@@ -213,22 +358,23 @@ class LayeredLoss:
         return self.output_loss(self.transformed.apply(params, x1[None])[0], y1)
 
     def batch_losses(self, params: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
-        """Per-example losses ``[B]`` of one batched forward pass."""
-        return jax.vmap(self.output_loss)(self.transformed.apply(params, x), y)
+        """Per-example losses ``[B]``: :meth:`__call__` of every example (each a batch of one)."""
+        return jax.vmap(self, in_axes=(None, 0, 0))(params, x, y)
 
-    def tapped(self, params: PyTree, x: jax.Array, y: jax.Array,
-               perturbations: Mapping[str, jax.Array] | None
-               ) -> tuple[jax.Array, dict[str, jax.Array], Recorder]:
-        """Per-example losses ``[B]`` of a tapped pass, the layers' inputs, and the recorder
-        (its ``layers`` and output shapes are static: valid after tracing)."""
+    def tapped_example(self, params: PyTree, perturbations: Mapping[str, jax.Array] | None,
+                       x1: jax.Array, y1: jax.Array
+                       ) -> tuple[jax.Array, dict[str, jax.Array], Recorder]:
+        """The loss of ONE example (a batch of one, as :meth:`__call__`), tapped: the loss, the
+        layers' inputs, and the recorder (its layers, regions and output shapes are static:
+        valid once traced)."""
         recorder = Recorder(perturbations)
 
         def fn(inputs):
             with recording(recorder):
                 return self.network(inputs)
 
-        outputs = hk.without_apply_rng(hk.transform(fn)).apply(params, x)
-        return jax.vmap(self.output_loss)(outputs, y), dict(recorder.inputs), recorder
+        outputs = hk.without_apply_rng(hk.transform(fn)).apply(params, x1[None])
+        return self.output_loss(outputs[0], y1), dict(recorder.inputs), recorder
 
 
 @functools.lru_cache(maxsize=64)

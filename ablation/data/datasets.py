@@ -41,6 +41,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -418,6 +419,37 @@ def _save_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
+def _content_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """A SHA-256 of the prepared arrays (names, dtypes, shapes and bytes)."""
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        a = np.ascontiguousarray(arrays[key])
+        digest.update(f"{key}:{a.dtype.str}:{a.shape}".encode())
+        digest.update(a.data)
+    return digest.hexdigest()
+
+
+def _read_prepared(path: Path, stamp: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """The cached arrays if the file is whole, of these sources and parser, and holds exactly
+    what was prepared (its content digest); None (prepare again) otherwise, saying why when
+    the file is damaged or altered."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if not all(key in f and str(f[key]) == str(value) for key, value in stamp.items()):
+                return None  # other sources or another parser: stale, not damaged
+            arrays = {k: f[k] for k in f.files if k not in stamp and k != "content"}
+            recorded = str(f["content"]) if "content" in f else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        print(f"[data] {path} is damaged ({type(error).__name__}: {error}); preparing it again",
+              flush=True)
+        return None
+    if recorded != _content_digest(arrays):
+        print(f"[data] {path} does not hold what was prepared (its content digest differs); "
+              "preparing it again", flush=True)
+        return None
+    return arrays
+
+
 def load(name: str, *, split: str = "train", cache_dir: str | os.PathLike | None = None,
          download: bool = True,
          sources: Mapping[str, Sequence[RemoteFile]] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -432,14 +464,11 @@ def load(name: str, *, split: str = "train", cache_dir: str | os.PathLike | None
     prepared = paths[0].parent / PREPARED
     stamp = {"sources": np.array(",".join(r.sha256 for r in remotes)),
              "preparation": np.array(preparation_version())}
-    arrays = None
-    if prepared.exists():
-        with np.load(prepared, allow_pickle=False) as f:
-            if all(key in f and str(f[key]) == str(value) for key, value in stamp.items()):
-                arrays = {k: f[k] for k in f.files if k not in stamp}
+    arrays = _read_prepared(prepared, stamp) if prepared.exists() else None
     if arrays is None:
         arrays = prepare(name, paths, remotes)
-        _save_npz_atomic(prepared, {**arrays, **stamp})
+        _save_npz_atomic(prepared, {**arrays, **stamp,
+                                    "content": np.array(_content_digest(arrays))})
     if f"x_{split}" not in arrays:
         raise DatasetUnavailable(f"dataset {name} has no {split} split")
     return arrays[f"x_{split}"], arrays[f"y_{split}"]
@@ -448,7 +477,8 @@ def load(name: str, *, split: str = "train", cache_dir: str | os.PathLike | None
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ablation.datasets NAME... [--cache-dir DIR]``: fetch and verify datasets."""
     import argparse
-    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m ablation.datasets",
+                                     description="Fetch, verify and prepare datasets.")
     parser.add_argument("names", nargs="+", choices=sorted(SOURCES))
     parser.add_argument("--cache-dir", default=None, help=f"default: ${ENV_VAR} or "
                         "~/.cache/dpsgd-ablation")

@@ -26,7 +26,7 @@ try:
     from torch import nn
 except ImportError as _error:  # pragma: no cover - exercised where opacus is absent
     raise ImportError("engine=opacus needs the torch extra: pip install -e '.[torch]' "
-                      "(install torch==2.13.0 first on the development machine: make torch)"
+                      "(or `make torch`, which installs a CPU build of PyTorch first)"
                       ) from _error
 
 # Opacus warns on every cell that its secure RNG is off; the sweep says so once instead.

@@ -29,8 +29,8 @@ try:
     from torch import nn
 except ImportError as _error:  # pragma: no cover - exercised where torch is absent
     raise ImportError("the PyTorch reference rows need the torch extra: pip install -e "
-                      "'.[torch]' (install torch==2.13.0 first on the development machine: "
-                      "make torch)") from _error
+                      "'.[torch]' (or `make torch`, which installs a CPU build of PyTorch "
+                      "first)") from _error
 
 # Hooks fire on the first layer, whose input (the data) needs no gradient; PyTorch warns about
 # exactly that on every cell. Expected, and nothing to act on.

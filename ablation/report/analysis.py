@@ -13,6 +13,7 @@ missing run is never a zero.
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -21,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from ablation.report import records
-from ablation.report.labels import ENGINE_ORDER, engine_label, model_label
+from ablation.report.labels import (ENGINE_ORDER, engine_label, model_label, ratio_digits,
+                                   relative_spread)
 
 #: What identifies one cell of a family.
 CELL = ("engine_label", "model", "batch_size", "private", "data")
@@ -54,6 +56,8 @@ def family_label(frame: pd.DataFrame) -> str:
     """A readable name of one family's folder: its experiment (or ``runs``) and a short hash."""
     experiments = sorted({e for e in frame.get("experiment", pd.Series(dtype=object)).dropna()})
     name = experiments[0] if len(experiments) == 1 else "runs"
+    # A record's field becomes a folder name: one path component, nothing that climbs out.
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(name)).strip(".-") or "runs"
     family = str(frame["family"].iloc[0]) if "family" in frame and len(frame) else "family"
     return f"{name}-{family[:6]}"
 
@@ -144,11 +148,12 @@ def timing_frame(records_frame: pd.DataFrame, *, ok_only: bool = True) -> pd.Dat
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
     if "epoch_estimated" not in frame:
         frame["epoch_estimated"] = True
+    frame["spread"] = frame.apply(relative_spread, axis=1)
     frame = _one_baseline(_dedupe(frame, CELL))
     columns = [*CELL, "system", "engine", "framework", "device", "family", "identity", "experiment",
                "status", "compile_s", "first_step_s", "first_epoch_s", "median_step_s",
                "iqr_step_s", "steps_timed", "throughput_step_s", "median_epoch_s",
-               "epoch_estimated", "epsilon", "n_params", "started_at", "path"]
+               "epoch_estimated", "spread", "epsilon", "n_params", "started_at", "path"]
     return frame[[c for c in columns if c in frame]].reset_index(drop=True)
 
 
@@ -227,15 +232,21 @@ def ablation_speedups(frame: pd.DataFrame, *, batch_size: int, private: bool = T
                       engines: Sequence[str] = ("both", "jit", "vmap", "none")) -> pd.DataFrame:
     """Per model: each engine's epoch time and how many times faster ``both`` is.
 
-    Columns: model, engine_label, median_epoch_s, both_speedup (engine ÷ both; 1 for both).
+    Columns: model, engine_label, median_epoch_s, both_speedup (engine ÷ both; 1 for both),
+    ratio_digits (the significant figures the two cells' spreads support), path.
     """
     frame = frame[(frame["private"] == private)]
     models = list(models) if models is not None else sorted(
         frame.loc[frame["batch_size"] == batch_size, "model"].unique(), key=_model_key)
     cells = require(frame, engine_label=engines, model=models, batch_size=[batch_size])
-    both = cells[cells["engine_label"] == "both"].set_index("model")["median_epoch_s"]
-    out = cells[["model", "engine_label", "median_epoch_s", "compile_s"]].copy()
-    out["both_speedup"] = out["median_epoch_s"] / out["model"].map(both)
+    if "spread" not in cells:
+        cells = cells.assign(spread=None)
+    both = cells[cells["engine_label"] == "both"].set_index("model")
+    out = cells[["model", "engine_label", "median_epoch_s", "compile_s", "spread",
+                 *(["path"] if "path" in cells else [])]].copy()
+    out["both_speedup"] = out["median_epoch_s"] / out["model"].map(both["median_epoch_s"])
+    out["ratio_digits"] = [ratio_digits(s, both.loc[m, "spread"])
+                           for m, s in zip(out["model"], out["spread"])]
     return _ordered(out)
 
 
@@ -269,21 +280,27 @@ def privacy_overhead(frame: pd.DataFrame) -> pd.DataFrame:
     engines share one, :func:`system_of`), model, batch and family: the cost of clipping and
     noise alone (non-private steps keep the engine's switches)."""
     keys = ["model", "batch_size", "data", "device", "family"]
+    if "path" not in frame:
+        frame = frame.assign(path=None)
     private = frame[frame["private"] == True].copy()  # noqa: E712
     private["baseline"] = private.apply(lambda r: system_of({**r.to_dict(), "private": False}),
                                         axis=1)
     public = frame[frame["private"] == False]  # noqa: E712
-    public = public.rename(columns={"system": "baseline", "median_epoch_s": "nonprivate_s"})
+    public = public.rename(columns={"system": "baseline", "median_epoch_s": "nonprivate_s",
+                                    "path": "nonprivate_path"})
     both = private.rename(columns={"median_epoch_s": "private_s"}).merge(
-        public[[*keys, "baseline", "nonprivate_s"]], on=[*keys, "baseline"], how="inner")
+        public[[*keys, "baseline", "nonprivate_s", "nonprivate_path"]], on=[*keys, "baseline"],
+        how="inner")
     both["overhead"] = both["private_s"] / both["nonprivate_s"]
-    return _ordered(both[["engine_label", *keys, "private_s", "nonprivate_s", "overhead"]])
+    both["path"] = [f"{a}; {b}" for a, b in zip(both["path"], both["nonprivate_path"])]
+    return _ordered(both[["engine_label", *keys, "private_s", "nonprivate_s", "overhead",
+                          "path"]])
 
 
 def max_batch_sizes(memory: pd.DataFrame) -> pd.DataFrame:
     """Largest batch per engine and model (and cap), with the prediction where one exists."""
     columns = ["engine_label", "model", "private", "measured", "limit_gib", "device", "family",
-               "max_batch_size", "predicted_max_batch_size"]
+               "max_batch_size", "predicted_max_batch_size", "path"]
     return _ordered(memory[[c for c in columns if c in memory]].copy())
 
 
@@ -291,7 +308,7 @@ def compile_times(frame: pd.DataFrame) -> pd.DataFrame:
     """Compile seconds per engine, model and batch size (engines that compile only)."""
     out = frame[frame["compile_s"].notna()]
     return _ordered(out[["engine_label", "model", "batch_size", "private", "device",
-                         "compile_s", "first_step_s"]].copy())
+                         "compile_s", "first_step_s", *(["path"] if "path" in out else [])]].copy())
 
 
 def models_in(frame: pd.DataFrame) -> list[str]:

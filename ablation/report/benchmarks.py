@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from ablation.report.labels import timing_rows
+from ablation.report.labels import format_ratio, missing, timing_rows
 
 #: Columns of the cost table, in order: (label, engine label, private).
 SYSTEMS = (("both np", "both", False), ("both", "both", True), ("ghost", "ghost", True),
@@ -125,10 +125,28 @@ def ghost_verdicts(table: pd.DataFrame) -> list[str]:
     return lines
 
 
-def format_cost(records: pd.DataFrame) -> str:
-    """The cost table as text, with the ghost targets under it (empty without ghost rows)."""
+#: Columns of the cost table that are ratios (printed as every ratio is, :func:`format_ratio`).
+RATIO_COLUMNS = ("ghost / np", "ghost-noise / np", "both / ghost", "opacus best / ghost",
+                 "ghost overhead", "opacus overhead", "ghost compile / both")
+
+
+def format_cost(records: pd.DataFrame, *, targets: bool = False) -> str:
+    """The cost table as text: only rows where the ghost engine has a baseline beside it
+    (empty otherwise, never a table of NaN), only columns with a number. ``targets`` adds the
+    team's speed targets (``python -m ablation.summary DIR --targets``), met or not."""
     table = privacy_cost_table(records)
     if table.empty or "ghost best ms" not in table:
         return ""
-    text = table.to_string(index=False, float_format=lambda v: f"{v:.3g}")
-    return text + "\n\n" + "\n".join(ghost_verdicts(table))
+    compared = [c for c in ("ghost / np", "both / ghost", "opacus best / ghost") if c in table]
+    table = table.dropna(subset=compared, how="all") if compared else table.iloc[0:0]
+    if table.empty:
+        return ""
+    table = table.dropna(axis=1, how="all")
+    shown = table.copy()
+    for column in shown.columns:
+        if column in RATIO_COLUMNS:
+            shown[column] = [format_ratio(v) or "-" for v in shown[column]]
+        elif column.endswith(" ms"):
+            shown[column] = ["-" if missing(v) else f"{v:.3g}" for v in shown[column]]
+    text = shown.to_string(index=False)
+    return text + ("\n\n" + "\n".join(ghost_verdicts(table)) if targets else "")

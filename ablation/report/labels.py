@@ -69,6 +69,45 @@ def relative_spread(row: pd.Series) -> float | None:
     return max(spreads) if spreads else None
 
 
+def ratio_digits(*relative_spreads: float | None) -> int:
+    """Significant figures a ratio supports, given each operand's relative spread.
+
+    The spreads add in quadrature: 10–100 % supports 1 figure, 1–10 % 2, less 3 (never more).
+    An unknown spread (too few steps) gives 2 figures, flagged elsewhere.
+    """
+    if any(missing(s) for s in relative_spreads):
+        return 2
+    spread = math.sqrt(sum(s * s for s in relative_spreads))
+    if not math.isfinite(spread):
+        return 1
+    if spread <= 0:
+        return 3
+    return int(min(3, max(1, math.floor(-math.log10(spread)) + 1)))
+
+
+def significant(value: float, digits: int) -> str:
+    """``value`` with ``digits`` significant figures, without scientific notation."""
+    if missing(value):
+        return "-"
+    if math.isinf(value):
+        return "inf"
+    if value == 0:
+        return "0"
+    decimals = digits - 1 - math.floor(math.log10(abs(value)))
+    rounded = round(value, decimals)
+    if rounded:  # rounding up may add a digit (0.996 -> 1.0): count again from the result
+        decimals = digits - 1 - math.floor(math.log10(abs(rounded)))
+    return f"{round(value, decimals):,.{max(0, decimals)}f}"
+
+
+def format_ratio(value: float, digits: int | None = None) -> str:
+    """A ratio as every table and figure prints it: ``×`` and :func:`significant` figures
+    (``digits`` from :func:`ratio_digits`; 3, the most any ratio shows, when unknown)."""
+    if missing(value):
+        return ""
+    return "×" + significant(float(value), 3 if missing(digits) else int(digits))
+
+
 def timing_rows(frame: pd.DataFrame) -> pd.DataFrame:
     """The timing records of ``frame`` with every column the tables read, their labels and
     their relative spread (``spread``)."""

@@ -35,7 +35,8 @@ VOLATILE_KEYS = ("resume", "hydra", "paths", "timing.progress", "timing.timeout_
 GRID_KEYS = ("engine", "model", "batch_size", "private", "memory.predict_only")
 #: The machine and code half of a record's identity (besides each framework's own versions).
 MACHINE_KEYS = ("platform", "device_kind", "device_count", "cpu_model", "cpu_count", "xla_flags",
-                "git_sha", "git_diff_sha")
+                "accelerator_runtime", "accelerator_plugin", "dp_accounting", "git_sha",
+                "git_diff_sha")
 #: Versions that change a framework's numbers; JAX engines use ``jax``.
 FRAMEWORK_KEYS = {
     "jax": ("jax", "jaxlib", "haiku", "optax"),
@@ -80,13 +81,31 @@ def code_version() -> dict[str, str | None]:
     return _code_version_of(REPO_ROOT)
 
 
+#: Set by the entry points to the configured ``paths.output_dir`` (workers inherit it): runs
+#: written into a folder of the checkout other than ``outputs/`` are records, not code.
+OUTPUT_DIR_VARIABLE = "DPSGD_OUTPUT_DIR"
+
+
+def _not_code(root: Path) -> tuple[str, ...]:
+    extra = os.environ.get(OUTPUT_DIR_VARIABLE)
+    if extra:
+        try:
+            inside = Path(extra).resolve().relative_to(root.resolve())
+        except ValueError:
+            inside = None
+        if inside is not None and str(inside) not in ("", "."):
+            return NOT_CODE + (f":(exclude){inside.as_posix()}",)
+    return NOT_CODE
+
+
 def _code_version_of(root: Path) -> dict[str, str | None]:
+    not_code = _not_code(root)
     try:
         sha = _git("rev-parse", "HEAD", root=root).strip()
         diff = _git("diff", "HEAD", "--binary", "--no-ext-diff", "--no-textconv", "--", ".",
-                    *NOT_CODE, root=root)
+                    *not_code, root=root)
         untracked = _git("ls-files", "--others", "--exclude-standard", "-z", "--", ".",
-                         *NOT_CODE, root=root).split("\0")
+                         *not_code, root=root).split("\0")
     except (OSError, subprocess.SubprocessError):
         return {"git_sha": None, "git_diff_sha": _sources_hash()}
     digest = hashlib.sha256(diff.encode())
@@ -160,8 +179,21 @@ def environment(devices: bool = True) -> dict[str, Any]:
         import jax
         devs = jax.devices()
         env.update(platform=devs[0].platform, device_kind=devs[0].device_kind,
-                   device_count=len(devs))
+                   device_count=len(devs), **accelerator_stack(devs[0]))
     return env
+
+
+def accelerator_stack(device: Any) -> dict[str, str | None]:
+    """What runs an accelerator besides JAX (None on a CPU): the runtime the device's client
+    reports (on a GPU its CUDA and driver versions) and the PJRT plugin package's version."""
+    if device.platform == "cpu":
+        return {"accelerator_runtime": None, "accelerator_plugin": None}
+    runtime = getattr(getattr(device, "client", None), "platform_version", None)
+    plugins = [f"{name} {_version(name)}" for name in (
+        "jax-cuda12-plugin", "jax-cuda13-plugin", "jax-cuda12-pjrt", "jax-cuda13-pjrt",
+        "jax-rocm60-plugin", "libtpu") if _version(name)]
+    return {"accelerator_runtime": " ".join(str(runtime).split()) if runtime else None,
+            "accelerator_plugin": ", ".join(plugins) or None}
 
 
 def _drop(d: Mapping[str, Any], dotted: str) -> dict[str, Any]:
@@ -279,12 +311,18 @@ def one_line(error: BaseException | str) -> str:
     return lines[0] if lines else ""
 
 
-def iter_records(root: str | os.PathLike, *, skip_reference: bool = False
-                 ) -> Iterable[tuple[Path, dict[str, Any]]]:
+class UnreadableRecords(UserWarning):
+    """``result.json`` files that could not be read as records (named in the message)."""
+
+
+def iter_records(root: str | os.PathLike, *, skip_reference: bool = False,
+                 problems: list[str] | None = None) -> Iterable[tuple[Path, dict[str, Any]]]:
     """Every ``result.json`` under ``root`` (sorted by path) with its parsed record.
 
     ``skip_reference`` leaves out folders named ``reference`` below ``root`` (the committed
-    results), unless ``root`` itself is one of them or inside one.
+    results), unless ``root`` itself is one of them or inside one. Records are written
+    atomically, so a file that does not parse, or is not a record of a known schema, is
+    damaged or foreign: it is skipped, and named in ``problems`` when a list is given.
     """
     root = Path(root)
     for path in sorted(root.rglob(RESULT_FILE)):
@@ -292,10 +330,58 @@ def iter_records(root: str | os.PathLike, *, skip_reference: bool = False
             continue
         try:
             record = read_json(path)
-        except (OSError, json.JSONDecodeError):
-            continue  # a file being written by a live job, or foreign
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            if problems is not None:
+                problems.append(f"{path} ({one_line(error)})")
+            continue
         if isinstance(record, dict) and record.get("schema") in SCHEMAS:
             yield path, record
+        elif problems is not None:
+            problems.append(f"{path} (not a record of schema {SCHEMA})")
+
+
+def iter_pointers(root: str | os.PathLike) -> Iterable[tuple[Path, Path, dict[str, Any]]]:
+    """The ``resume=true`` pointers under ``root`` that still hold: ``(pointer, record path,
+    record)``. A pointer holds when its job folder has no ``result.json`` of its own (a later
+    run of the job replaced it) and the record it names exists with the pointer's config hash
+    (the job's config). Anything else is stale and ignored."""
+    for pointer in sorted(Path(root).rglob(SKIPPED_FILE)):
+        if (pointer.parent / RESULT_FILE).exists():
+            continue
+        try:
+            note = read_json(pointer)
+            target = (pointer.parent / note["record"]).resolve()
+            record = read_json(target)
+        except (OSError, KeyError, TypeError, ValueError):
+            continue
+        if isinstance(record, dict) and record.get("config_hash") == note.get("config_hash"):
+            yield pointer, target, record
+
+
+def records_with_reused(root: str | os.PathLike, problems: list[str] | None = None
+                        ) -> list[tuple[Path, dict[str, Any], bool]]:
+    """``(path, record, reused)`` for every record of ``root``: its own, then those its
+    ``resume=true`` pointers reuse from earlier runs (each record once, however many point at
+    it or whether it also lies under ``root``)."""
+    out, seen = [], set()
+    for path, record in iter_records(root, problems=problems):
+        seen.add(path.resolve())
+        out.append((path, record, False))
+    for _, target, record in iter_pointers(root):
+        if target not in seen:
+            seen.add(target)
+            out.append((target, record, True))
+    return out
+
+
+def warn_unreadable(problems: list[str]) -> None:
+    """One warning naming the result files that could not be read (never a silent drop)."""
+    if problems:
+        import warnings
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more"
+                                           if len(problems) > 5 else "")
+        warnings.warn(f"{len(problems)} result file(s) could not be read and are left out: "
+                      f"{shown}", UnreadableRecords, stacklevel=3)
 
 
 def _newest_first(record: Mapping[str, Any]) -> str:
@@ -331,22 +417,29 @@ def load(root: str | os.PathLike | Iterable[str | os.PathLike] = "outputs") -> "
 
     Nested ``env`` fields are flattened to ``env.<name>`` columns as well as kept whole;
     ``path`` holds each record's file; ``identity`` and ``family`` are
-    :func:`record_identity` and :func:`record_family`. An empty frame (with the core columns)
-    when none exist.
+    :func:`record_identity` and :func:`record_family`; ``reused`` is True for a record that a
+    ``resume=true`` pointer under ``root`` reused from an earlier run (:func:`iter_pointers`).
+    Files that cannot be read are named in an :class:`UnreadableRecords` warning. An empty
+    frame (with the core columns) when none exist.
     """
     roots = [root] if isinstance(root, (str, os.PathLike)) else list(root)
-    rows = []
-    for path, record in (item for r in roots for item in iter_records(r)):
+    rows, problems, seen = [], [], set()
+    for path, record, reused in (item for r in roots for item in records_with_reused(r, problems)):
+        if path.resolve() in seen:  # the same record reached from two roots or pointers
+            continue
+        seen.add(path.resolve())
         row = dict(record)
         row["identity"] = record_identity(record)
         row["family"] = record_family(record)
         for key, value in (record.get("env") or {}).items():
             row[f"env.{key}"] = value
         row["path"] = str(path)
+        row["reused"] = reused
         for key in _FLOAT_FIELDS:
             if isinstance(row.get(key), str):  # "inf" as written by write_json
                 row[key] = float(row[key])
         rows.append(row)
+    warn_unreadable(problems)
     import pandas as pd
 
     columns = ["schema", "kind", "status", "engine", "loop", "model", "batch_size", "private",

@@ -25,56 +25,24 @@ import pandas as pd
 from ablation.report.benchmarks import format_cost
 from ablation.report.labels import (  # noqa: F401  (public names of the summary)
     DEFAULT_MODES, ENGINE_ORDER, MIN_STEPS_FOR_SPREAD, engine_label, missing, model_label,
-    timing_rows)
-from ablation.report.records import SKIPPED_FILE, iter_records, read_json, record_family
+    format_ratio, ratio_digits, significant, timing_rows)
+from ablation.report.records import (config_hash, record_family, records_with_reused,
+                                     warn_unreadable)
 
 FORMATS = ("text", "markdown", "csv")
 CELL_KEYS = ("family", "model_label", "data", "batch_size", "private")
 def sweep_records(root: str | Path) -> pd.DataFrame:
     """Records of one sweep folder, including those a ``resume=true`` run reused from earlier
-    runs (``reused`` is True on those, and ``path`` points at the reused record)."""
-    rows = [{**record, "path": str(path), "reused": False} for path, record in iter_records(root)]
-    for pointer in sorted(Path(root).rglob(SKIPPED_FILE)):
-        try:
-            target = (pointer.parent / read_json(pointer)["record"]).resolve()  # or absolute
-            rows.append({**read_json(target), "path": str(target), "reused": True})
-        except (OSError, KeyError, ValueError):
-            continue
+    runs (``reused`` is True on those, and ``path`` points at the reused record); each record
+    once, and unreadable files named in a warning."""
+    problems: list[str] = []
+    rows = [{**record, "path": str(path), "reused": reused}
+            for path, record, reused in records_with_reused(root, problems)]
+    warn_unreadable(problems)
     frame = pd.DataFrame(rows)
     if len(frame):
         frame["family"] = [record_family(r) for r in rows]
     return frame
-
-
-def ratio_digits(*relative_spreads: float | None) -> int:
-    """Significant figures a ratio supports, given each operand's relative spread.
-
-    The spreads add in quadrature: 10–100 % supports 1 figure, 1–10 % 2, less 3 (never more).
-    An unknown spread (too few steps) gives 2 figures, flagged elsewhere.
-    """
-    if any(missing(s) for s in relative_spreads):
-        return 2
-    spread = math.sqrt(sum(s * s for s in relative_spreads))
-    if not math.isfinite(spread):
-        return 1
-    if spread <= 0:
-        return 3
-    return int(min(3, max(1, math.floor(-math.log10(spread)) + 1)))
-
-
-def significant(value: float, digits: int) -> str:
-    """``value`` with ``digits`` significant figures, without scientific notation."""
-    if missing(value):
-        return "-"
-    if math.isinf(value):
-        return "inf"
-    if value == 0:
-        return "0"
-    decimals = digits - 1 - math.floor(math.log10(abs(value)))
-    rounded = round(value, decimals)
-    if rounded:  # rounding up may add a digit (0.996 -> 1.0): count again from the result
-        decimals = digits - 1 - math.floor(math.log10(abs(rounded)))
-    return f"{round(value, decimals):,.{max(0, decimals)}f}"
 
 
 def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -133,6 +101,10 @@ def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
         "both x": frame["both_x"],
         "both x digits": frame["both_x_digits"],
         "reused": frame["reused"].fillna(False).astype(bool),
+        "spread": frame["spread"],
+        "config_hash": [h if isinstance(h, str) else config_hash(c or {}, "timing")
+                        for h, c in zip(frame.get("config_hash", [None] * len(frame)),
+                                        frame.get("config", [None] * len(frame)))],
         "path": frame["path"],
     }).reset_index(drop=True)
 
@@ -224,16 +196,33 @@ def format_summary(frame: pd.DataFrame, fmt: str = "text") -> str:
 
 
 def compare(frames: Sequence[pd.DataFrame], names: Sequence[str]) -> pd.DataFrame:
-    """Two sweeps side by side: each cell's epoch time in both and the second ÷ the first."""
+    """Two sweeps side by side: each cell's epoch time in both and the second ÷ the first.
+
+    Cells pair only when every setting is the same (their config hash: engine, model, batch,
+    privacy, data, timing, seed, dp.*, ...), whatever the machine or code; cells without a
+    counterpart are left out (:func:`unpaired` counts them). The ratio carries the
+    significant figures the two cells' spreads support.
+    """
     a, b = (summary_table(f) for f in frames)
-    keys = ["engine", "model", "batch", "private"]
-    merged = a[a["status"] == "ok"].merge(b[b["status"] == "ok"], on=keys, how="outer",
-                                          suffixes=(" a", " b"))
-    out = merged[keys].copy()
-    out[f"epoch s {names[0]}"] = merged["epoch s a"]
-    out[f"epoch s {names[1]}"] = merged["epoch s b"]
-    out["b / a"] = merged["epoch s b"] / merged["epoch s a"]
-    return out
+    a, b = a[a["status"] == "ok"], b[b["status"] == "ok"]
+    merged = a.merge(b, on="config_hash", how="inner", suffixes=(" a", " b"))
+    out = pd.DataFrame({
+        "engine": merged["engine a"], "model": merged["model a"], "batch": merged["batch a"],
+        "private": ["yes" if p else "no" for p in merged["private a"]],
+        f"epoch s {names[0]}": merged["epoch s a"], f"epoch s {names[1]}": merged["epoch s b"],
+    })
+    ratio = merged["epoch s b"] / merged["epoch s a"]
+    digits = [ratio_digits(x, y) for x, y in zip(merged["spread a"], merged["spread b"])]
+    out[f"{names[1]} / {names[0]}"] = [format_ratio(r, d) or "-" for r, d in zip(ratio, digits)]
+    return out.reset_index(drop=True)
+
+
+def unpaired(frames: Sequence[pd.DataFrame]) -> tuple[int, int]:
+    """How many ok cells of each sweep have no counterpart with the same settings."""
+    a, b = (summary_table(f) for f in frames)
+    a, b = set(a.loc[a["status"] == "ok", "config_hash"]), set(b.loc[b["status"] == "ok",
+                                                                      "config_hash"])
+    return len(a - b), len(b - a)
 
 
 def format_memory_summary(frame: pd.DataFrame) -> str:
@@ -277,7 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("folders", nargs="+", help="sweep or run folders (searched recursively)")
     parser.add_argument("--format", choices=FORMATS, default="text")
     parser.add_argument("--cost", action="store_true",
-                        help="also the cost-of-privacy table and the ghost engine's targets")
+                        help="also the cost-of-privacy table (ghost beside its baselines)")
+    parser.add_argument("--targets", action="store_true",
+                        help="with --cost: also the team's speed targets for the ghost engine")
     args = parser.parse_args(argv)
     frames = []
     for folder in args.folders:
@@ -292,8 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(args.folders) > 1 and args.format == "text":
             print(f"=== {folder}")
         print(format_summary(frame, args.format))
-        if args.cost:
-            cost = format_cost(frame)
+        if args.cost or args.targets:
+            cost = format_cost(frame, targets=args.targets)
             print("\n=== the cost of privacy (ms per step, throughput) ===\n"
                   + (cost or "(no ghost rows beside their baselines)"))
         if len(args.folders) > 1:
@@ -301,13 +292,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(frames) == 2:
         table = compare(frames, ["a", "b"])
         print(f"=== b / a  (a = {args.folders[0]}, b = {args.folders[1]})")
+        only_a, only_b = unpaired(frames)
+        if only_a or only_b:
+            print(f"({only_a} cell(s) of a and {only_b} of b have no counterpart with the same "
+                  "settings: not compared)")
         if args.format == "csv":
             print(table.to_csv(index=False).rstrip("\n"))
         elif args.format == "markdown":
             print(table.to_markdown(index=False) if _has_tabulate()
                   else table.to_string(index=False))
         else:
-            print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+            print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}")
+                  if len(table) else "(no cell of a has a counterpart with the same settings in b)")
     return 0
 
 

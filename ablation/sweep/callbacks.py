@@ -40,8 +40,9 @@ def _report_kind(folder: Path, frame, kind: str) -> None:
     print(f"\n=== summary ({folder}) ===\n{text}\n", flush=True)
 
 
-def sweep_size(config: DictConfig) -> int | None:
-    """How many cells the basic sweeper will run: the product of the sweep's comma lists."""
+def sweep_cells(config: DictConfig) -> list[list[str]] | None:
+    """The override list of every cell the basic sweeper will run (the product of the sweep's
+    comma lists), or None for another sweeper."""
     try:
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
         from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -51,9 +52,34 @@ def sweep_size(config: DictConfig) -> int | None:
         overrides = [f"{k}={v}" for k, v in params.items()]
         overrides += list(config.hydra.overrides.task)
         parsed = OverridesParser.create().parse_overrides(overrides=overrides)
-        return sum(len(batch) for batch in BasicSweeper.split_arguments(parsed, None))
+        return [list(cell) for batch in BasicSweeper.split_arguments(parsed, None)
+                for cell in batch]
     except Exception:  # noqa: BLE001 - another sweeper or launcher: no count, no ETA
         return None
+
+
+def sweep_size(config: DictConfig) -> int | None:
+    """How many cells the basic sweeper will run."""
+    cells = sweep_cells(config)
+    return None if cells is None else len(cells)
+
+
+def validate_sweep(cells: list[list[str]]) -> None:
+    """Compose and validate every cell of a sweep before the first one runs: a bad value
+    anywhere in the grid is one line and exit 2, not a sweep stopped halfway."""
+    from hydra import compose
+
+    from ablation.sweep.config import ConfigError, cell_from_dict
+    from ablation.sweep.shell import exit_with_error
+    for overrides in cells:
+        try:
+            cfg = compose(config_name="config", overrides=overrides)
+            cell_from_dict(OmegaConf.to_container(cfg, resolve=True))
+        except ConfigError as error:
+            exit_with_error(f"{error} (in the sweep's cell {' '.join(overrides)}; nothing ran)")
+        except Exception as error:  # noqa: BLE001 - Hydra's own complaint, in one line
+            exit_with_error(f"{str(error).splitlines()[0]} (in the sweep's cell "
+                            f"{' '.join(overrides)}; nothing ran)")
 
 
 def eta_line(done: int, total: int | None, elapsed_s: float, now: _dt.datetime) -> str:
@@ -77,7 +103,17 @@ class SummaryCallback(Callback):
         self._pid = os.getpid()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._total = sweep_size(config)
+        from ablation.sweep.folders import FolderBusy, hold_folder
+        from ablation.sweep.shell import SWEEP_PID, exit_with_error
+        os.environ[SWEEP_PID] = str(os.getpid())  # the jobs it launches watch this process
+        cells = sweep_cells(config)
+        self._total = None if cells is None else len(cells)
+        try:
+            self._lock = hold_folder(Path(config.hydra.sweep.dir), "sweep")
+        except FolderBusy as error:
+            exit_with_error(error)
+        if cells:
+            validate_sweep(cells)
         self._done = 0
         self._started = time.perf_counter()
         self._pid = os.getpid()

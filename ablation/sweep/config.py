@@ -13,7 +13,7 @@ import difflib
 import math
 from typing import Any, Mapping
 
-from ablation.core.engines import ENGINES, LOOPS
+from ablation.core.engines import ENGINES, LOOPS, MIN_CLIP_NORM
 from ablation.core.privacy import ACCOUNTANTS, SAMPLINGS
 from ablation.data.samplers import SOURCES
 from ablation.measure.settings import (ENGINE_MODES, FIXED_BATCH_ENGINES, REFERENCE_ENGINES,
@@ -66,7 +66,8 @@ def _unknown(key: str, valid: list[str]) -> None:
 
 
 def _int(value: Any, key: str, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value != int(value)):
         raise ConfigError(f"{key} must be an integer, got {value!r}")
     if int(value) < minimum:
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
@@ -165,6 +166,9 @@ def cell_from_dict(cfg: Mapping[str, Any]) -> CellConfig:
         sampling=_choice(dp.get("sampling", "shuffle"), "dp.sampling", SAMPLINGS),
         capacity_sigmas=_float(dp.get("capacity_sigmas", 5.0), "dp.capacity_sigmas"),
     )
+    if dp_cfg.clip_norm < MIN_CLIP_NORM:
+        raise ConfigError(f"dp.clip_norm must be at least {MIN_CLIP_NORM:g} (a normal float32), "
+                          f"got {dp_cfg.clip_norm!r}")
     if math.isinf(dp_cfg.clip_norm) and dp_cfg.noise_multiplier > 0 and target is None:
         raise ConfigError("dp.noise_multiplier must be 0 when dp.clip_norm is inf")
     private = _bool(_get(cfg, "private", True), "private")
@@ -177,7 +181,8 @@ def cell_from_dict(cfg: Mapping[str, Any]) -> CellConfig:
             raise ConfigError(f"engine={engine_name} trains on shuffled fixed-size batches; "
                               "dp.sampling=poisson runs the JAX engines (and jax_privacy) only")
     limit = data.get("limit")
-    return CellConfig(
+    _bool(_get(cfg, "resume", False), "resume")  # read by the entry points, checked here
+    cell = CellConfig(
         engine=engine_name,
         loop=_choice(engine.get("loop", "dispatch") or "dispatch", "engine.loop", LOOPS),
         engine_mode=mode,
@@ -201,6 +206,27 @@ def cell_from_dict(cfg: Mapping[str, Any]) -> CellConfig:
         dp=dp_cfg,
         timing=timing_cfg,
     )
+    _check_batch(cell)
+    return cell
+
+
+def _check_batch(cell: CellConfig) -> None:
+    """The batch fits the training set and, fixed-size, divides over the devices: found here,
+    before any cell runs, rather than inside a worker."""
+    from models import get_model
+    n_train = get_model(cell.model).dataset.n_train
+    n = n_train if cell.data_limit is None else min(cell.data_limit, n_train)
+    where = f"the training set ({n:,} examples" + (
+        f", data.limit={cell.data_limit:,})" if cell.data_limit is not None and
+        cell.data_limit < n_train else f" of {get_model(cell.model).dataset.name})")
+    if cell.batch_size > n:
+        raise ConfigError(f"batch_size={cell.batch_size:,} exceeds {where}: at most {n:,}")
+    if cell.dp.sampling == "poisson" and cell.private and cell.batch_size >= n:
+        raise ConfigError(f"batch_size={cell.batch_size:,} with dp.sampling=poisson is an "
+                          f"expected batch of the whole of {where}: at most {n - 1:,}")
+    if cell.devices > 1 and cell.dp.sampling != "poisson" and cell.batch_size % cell.devices:
+        raise ConfigError(f"batch_size={cell.batch_size} does not divide over engine.devices="
+                          f"{cell.devices} (each device takes an equal share)")
 
 
 def probe_settings_from_dict(memory: Mapping[str, Any] | None):

@@ -25,6 +25,7 @@ from ablation.report.records import (REPO_ROOT, RESULT_FILE, SCHEMA, SKIPPED_FIL
                                      environment, find_ok_record, machine_identity, now_iso,
                                      one_line, read_json, record_identity, write_json)
 from ablation.sweep.failures import CRASH
+from ablation.sweep.folders import holding
 from ablation.sweep.launch import Terminated, run_worker
 from models import get_model
 
@@ -134,6 +135,7 @@ def skip_if_done(record: Mapping[str, Any], job_dir: Path, resume_root: Path) ->
         return None
     # Relative to the pointer, so a moved or synced outputs/ folder keeps its links.
     target = os.path.relpath(found.resolve(), job_dir.resolve())
+    set_aside(job_dir / RESULT_FILE)  # an earlier run's record in this folder is not this job's
     write_json(job_dir / SKIPPED_FILE, {"schema": SCHEMA, "config_hash": record["config_hash"],
                                         "record": target})
     print(f"[resume] skipped: this cell already ran on this machine and code: {found}",
@@ -151,18 +153,30 @@ def open_job(cell: CellConfig, config: Mapping[str, Any], kind: str, job_dir: st
     job_dir.mkdir(parents=True, exist_ok=True)
     record = {**base_record(cell, config, kind, experiment), **fields}
     done = skip_if_done(record, job_dir, Path(resume_root)) if resume else None
+    if done is None:  # this job runs: a pointer left by an earlier run of its folder is stale
+        (job_dir / SKIPPED_FILE).unlink(missing_ok=True)
     return job_dir, record, done
 
 
-def run_timing_job(cell: CellConfig, config: Mapping[str, Any], job_dir: str | Path, *,
-                   resume: bool = False, resume_root: str | Path = "outputs",
-                   experiment: str | None = None, launcher: str = "basic",
-                   concurrent_cells: int = 1) -> dict[str, Any]:
+def run_timing_job(cell: CellConfig, config: Mapping[str, Any], job_dir: str | Path,
+                   **options: Any) -> dict[str, Any]:
     """Time one cell in a fresh worker process and write ``result.json`` into ``job_dir``.
 
     A cell that fails (exception, out of memory, timeout, an accounting failure) still gets
-    its record, with the status and a one-line error. Returns the record.
+    its record, with the status and a one-line error. Returns the record. Options: ``resume``,
+    ``resume_root``, ``experiment``, ``launcher``, ``concurrent_cells``.
+
+    Raises:
+      FolderBusy: another job is writing into ``job_dir`` (nothing was written).
     """
+    with holding(Path(job_dir), "job"):
+        return _timing_job(cell, config, job_dir, **options)
+
+
+def _timing_job(cell: CellConfig, config: Mapping[str, Any], job_dir: str | Path, *,
+                resume: bool = False, resume_root: str | Path = "outputs",
+                experiment: str | None = None, launcher: str = "basic",
+                concurrent_cells: int = 1) -> dict[str, Any]:
     job_dir, record, done = open_job(cell, config, "timing", job_dir, resume, resume_root,
                                      experiment, launcher=launcher,
                                      concurrent_cells=concurrent_cells)
@@ -192,22 +206,30 @@ def run_timing_job(cell: CellConfig, config: Mapping[str, Any], job_dir: str | P
         sigma = report.noise_multiplier if report else cell.dp.noise_multiplier
         started = time.perf_counter()
         spec = {"task": "timing", "cell": cell.to_dict(), "noise_multiplier": sigma,
-                "dataset": dataclasses.asdict(get_model(cell.model).dataset)}
+                "dataset": dataclasses.asdict(get_model(cell.model).dataset),
+                "config_hash": record["config_hash"]}
         try:
             outcome = run_worker(spec, job_dir, timeout_s=cell.timing.timeout_s, python=python)
         except (Terminated, KeyboardInterrupt) as stop:
             # Stopped from outside (a scheduler's time limit or preemption, kill, Ctrl-C): the
             # cell still gets its record, so a resumed sweep knows to run it again.
             why = getattr(stop, "signal_name", "SIGINT")
-            record.update(status="timeout" if why == "SIGTERM" else "error",
+            record.update(status="timeout" if why != "SIGINT" else "error",
                           error=f"stopped by {why} after {time.perf_counter() - started:.0f} s "
                                 "(a scheduler's limit or preemption, kill, or Ctrl-C)",
                           wall_s=time.perf_counter() - started,
                           env=record.get("env") or environment(devices=False))
             finish(record, job_dir)
             print(describe(record), flush=True)
+            if isinstance(stop, Terminated):
+                stop.forward()  # e.g. submitit's requeue, now that the record is written
             raise
+        ran = outcome.result.pop("config_hash", record["config_hash"])
         record.update(outcome.result)
+        if ran != record["config_hash"]:  # the worker measured another cell: never file it here
+            record.update(status="error", error=f"the worker's result is of another cell "
+                          f"(config {ran}, not {record['config_hash']}): measurements discarded",
+                          **{key: None for key in MEASUREMENT_FIELDS})
         record["wall_s"] = outcome.wall_s
         if report is not None and record.get("env"):  # epsilon is accounted here, not there
             record["env"] = {**record["env"], "dp_accounting": _version("dp-accounting")}
@@ -226,11 +248,32 @@ def _version(package: str) -> str | None:
         return None
 
 
-def finish(record: dict[str, Any], job_dir: Path) -> None:
-    """Stamp the record (finish time, identity) and write ``result.json``."""
+def set_aside(path: Path) -> None:
+    """Rename an earlier run's file out of the readers' way (kept, never read as current)."""
+    if path.exists():
+        path.rename(path.with_name(f"{path.stem}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+                                   f"-{os.getpid()}{path.suffix}"))
+
+
+def finish(record: dict[str, Any], job_dir: Path) -> Path:
+    """Stamp the record (finish time, identity) and write ``result.json``; returns its path.
+
+    Where the job folder cannot take it (a full disk, a folder made read-only or removed
+    under the sweep), the record goes to a folder of the system's temporary directory
+    instead, and a line says where: the measurement is never lost, and the sweep goes on.
+    """
     record["finished_at"] = now_iso()
     record["identity"] = record_identity(record)
-    write_json(job_dir / RESULT_FILE, record)
+    try:
+        return write_json(job_dir / RESULT_FILE, record)
+    except OSError as error:
+        spare = (Path(tempfile.gettempdir()) / "dpsgd-ablation-unsaved"
+                 / f"{record.get('config_hash')}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+                 / RESULT_FILE)
+        path = write_json(spare, record)
+        print(f"[error] could not write {job_dir / RESULT_FILE} ({one_line(error)}); the record "
+              f"is saved at {path}", flush=True)
+        return path
 
 
 #: Engines whose worker runs in an environment of its own (pins that conflict with ours).
@@ -369,15 +412,23 @@ def cap_plan(info: Mapping[str, Any], limit: int | None, predict_only: bool
 
 
 def run_memory_job(cell: CellConfig, settings: Any, config: Mapping[str, Any],
-                   job_dir: str | Path, *, resume: bool = False,
-                   resume_root: str | Path = "outputs",
-                   experiment: str | None = None) -> dict[str, Any]:
+                   job_dir: str | Path, **options: Any) -> dict[str, Any]:
     """Probe the largest batch size of ``cell`` under ``settings``; writes ``result.json``.
+    Options: ``resume``, ``resume_root``, ``experiment``.
 
     Raises:
       ValueError: the cap exceeds the machine's (or device's) memory, or cannot be enforced,
         before any try runs.
+      FolderBusy: another job is writing into ``job_dir`` (nothing was written).
     """
+    with holding(Path(job_dir), "job"):
+        return _memory_job(cell, settings, config, job_dir, **options)
+
+
+def _memory_job(cell: CellConfig, settings: Any, config: Mapping[str, Any],
+                job_dir: str | Path, *, resume: bool = False,
+                resume_root: str | Path = "outputs",
+                experiment: str | None = None) -> dict[str, Any]:
     from ablation.measure.probe import Try, predicted_max, search
 
     job_dir, record, done = open_job(cell, config, "memory", job_dir, resume, resume_root,
@@ -431,13 +482,15 @@ def run_memory_job(cell: CellConfig, settings: Any, config: Mapping[str, Any],
     except (Terminated, KeyboardInterrupt) as stop:
         # Stopped from outside: the probe still leaves its record, with the tries so far.
         why = getattr(stop, "signal_name", "SIGINT")
-        record.update(status="timeout" if why == "SIGTERM" else "error",
+        record.update(status="timeout" if why != "SIGINT" else "error",
                       error=f"stopped by {why} after {time.perf_counter() - started:.0f} s",
                       tried=[t.as_dict() for t in done_tries], limit_bytes=limit,
                       cap_enforced=cap_enforced, predict_only=settings.predict_only,
                       max_batch_size=None, device=info,
                       env=last_env or environment(devices=False))
         finish(record, job_dir)
+        if isinstance(stop, Terminated):
+            stop.forward()
         raise
     tried = [t.as_dict() for t in outcome["tried"]]
     # Without running (predict_only) the search's answer is the prediction; otherwise the

@@ -42,6 +42,7 @@ def run_process(argv: list[str], *, timeout_s: float, env: Mapping[str, str] | N
     child_env = dict(os.environ)
     child_env.update(env or {})
     child_env.setdefault("PYTHONUNBUFFERED", "1")
+    child_env["DPSGD_WORKER_PARENT"] = str(os.getpid())
     # Started as a module from the repository's own package, whatever the caller's cwd.
     root = str(Path(__file__).resolve().parents[2])
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, child_env.get("PYTHONPATH")) if p)
@@ -106,32 +107,77 @@ def run_worker(spec: Mapping[str, Any], workdir: str | os.PathLike, *, timeout_s
     return outcome
 
 
-class Terminated(SystemExit):
-    """The sweep was told to stop (SIGTERM from ``kill``, ``timeout`` or a batch scheduler's
-    time limit or preemption) while a cell ran; ``signal_name`` says which signal."""
+#: The signals a scheduler or a terminal sends before it kills a job: SIGTERM (``kill``,
+#: ``timeout``, SLURM's time limit or preemption), SIGHUP (the terminal went away), SIGUSR1 and
+#: SIGUSR2 (SLURM's ``--signal`` warning; submitit's time-limit and preemption signal).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGUSR1",
+                                                        "SIGUSR2") if hasattr(signal, name))
 
-    def __init__(self, signum: int):
+
+class Terminated(SystemExit):
+    """The sweep was told to stop (one of :data:`STOP_SIGNALS`) while a cell ran;
+    ``signal_name`` says which signal, and :meth:`forward` hands it on to the handler that
+    was installed before (submitit's, which requeues the job) once the record is written."""
+
+    def __init__(self, signum: int, previous: Any = None):
         super().__init__(128 + signum)
+        self.signum = signum
         self.signal_name = signal.Signals(signum).name
+        self.previous = previous
+
+    def forward(self) -> None:
+        """Run the previous Python handler of the signal, if there was one."""
+        if callable(self.previous):
+            self.previous(self.signum, None)
 
 
 @contextlib.contextmanager
 def _sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into :class:`Terminated` while a child runs, so that ``timeout``, a batch
-    scheduler or ``kill`` stopping the sweep also stops the child, which lives in its own
-    session and would otherwise keep the accelerator busy after its parent is gone."""
+    """Turn the stop signals into :class:`Terminated` while a child runs, so that ``timeout``,
+    a batch scheduler, submitit or ``kill`` stopping the sweep also stops the child, which
+    lives in its own session, and the cell still gets its record."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    previous = {}
 
     def _raise(signum: int, frame: Any) -> None:
-        raise Terminated(signum)
+        raise Terminated(signum, previous.get(signum))
 
-    previous = signal.signal(signal.SIGTERM, _raise)
+    for signum in STOP_SIGNALS:
+        previous[signum] = signal.signal(signum, _raise)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def watch_sweep(pid: int, period_s: float = 1.0) -> None:
+    """End this job (as if by SIGTERM: its cell gets a ``timeout`` record) once the sweep
+    process ``pid`` that launched it is gone: a local launcher's jobs must not run on,
+    unwatched and timed under someone else's load, after their sweep was killed."""
+    def watch() -> None:
+        while _alive(pid):
+            time.sleep(period_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="watch-sweep", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

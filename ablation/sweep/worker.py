@@ -27,6 +27,22 @@ def _isolate_jax() -> None:
             pass
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker when the process that started it dies (even by
+    SIGKILL), so no cell runs on unwatched, without its time limit or its record."""
+    import ctypes
+    import os
+    import signal
+    parent = os.environ.get("DPSGD_WORKER_PARENT")
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux: the parent's own handlers still stop the worker
+    if parent and os.getppid() != int(parent):  # the parent died before the line above
+        os._exit(1)
+
+
 def run_task(spec: dict[str, Any]) -> dict[str, Any]:
     """Dispatch a spec to the function that handles its task."""
     task = spec["task"]
@@ -103,15 +119,29 @@ def _environment(spec: dict[str, Any]) -> dict[str, Any]:
         return {"env": environment_tf()}
     if engine in ("opacus", "backpack", "pyvacy"):
         from ablation.reference.torch_nets import environment_torch, torch_device
-        extra = {"opacus": {"opacus": version("opacus")},
-                 "backpack": {"backpack": version("backpack-for-pytorch")},
-                 "pyvacy": {"pyvacy": None}}[engine]
+        # Only this framework's own version: resuming an Opacus cell needs no BackPACK.
+        package = {"opacus": "opacus", "backpack": "backpack-for-pytorch"}.get(engine)
+        extra = {engine: version(package) if package else None}
         return {"env": environment_torch(torch_device(), **extra)}
     from ablation.report.records import environment
     env = environment()
     if engine == "jax_privacy":
         env["jax_privacy"] = version("jax-privacy")
     return {"env": env}
+
+
+def _environment_or_less(spec: dict[str, Any]) -> dict[str, Any]:
+    """The env of the cell's framework (a failed TF cell too: no JAX in its environment), else
+    what can be said without a framework (the code and the machine), never nothing."""
+    from ablation.report.records import environment, one_line
+    engine = (spec.get("cell") or {}).get("engine") or spec.get("engine")
+    try:
+        return _environment({"engine": engine})["env"]
+    except Exception:  # noqa: BLE001 - the framework itself may be what failed
+        try:
+            return environment(devices=False)
+        except Exception as error:  # noqa: BLE001
+            return {"error": one_line(error)}
 
 
 def _expected(error: BaseException) -> bool:
@@ -147,9 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out")
     args = parser.parse_args(argv)
 
-    from ablation.report.records import environment, one_line, read_json, write_json
+    from ablation.report.records import one_line, read_json, write_json
     from ablation.sweep.failures import status_of
 
+    _die_with_parent()
     spec = read_json(args.spec)
     _isolate_jax()
     try:
@@ -163,10 +194,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc(file=sys.stderr)
         result = {"status": status_of(error), "error": one_line(error)}
     if "env" not in result:  # PyTorch cells bring their own (torch's device, not JAX's)
-        try:
-            result["env"] = environment()
-        except Exception as error:  # noqa: BLE001
-            result["env"] = {"error": one_line(error)}
+        result["env"] = _environment_or_less(spec)
+    if "config_hash" in spec:  # which cell this is, for the parent to check
+        result["config_hash"] = spec["config_hash"]
     write_json(args.out, result)
     return 0
 

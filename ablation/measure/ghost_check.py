@@ -1,0 +1,136 @@
+"""The ghost engine's self-check: its norms and clipped sum against materialised gradients.
+
+``python -m ablation.check_ghost model=...`` runs :func:`check_ghost` on a few batches of the
+model's data (synthetic or real, as ``data=`` says) and says ``exact`` or what differs. It
+compares, on each batch:
+
+* each example's norm by the rules with the norm of its materialised gradient (vmap): never
+  below it (beyond float32 rounding) and above it by at most the Gram form's documented
+  over-clipping;
+* the clipped sum with ``Σ_i min(1, C/n_i) g_i`` built from the materialised gradients and the
+  rules' own norms ``n_i`` (so the sum is checked to rounding, whatever the norms' slack), at
+  the configured C and at the median norm (which clips half the examples).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ablation.core.clipping import (GRAM_TOLERANCE, ghost_clipped_sum, layer_rules,
+                                    per_example_sq_norms)
+from ablation.core.engines import get_engine
+from ablation.data.samplers import ShuffleSampler, load_training_set, run_keys
+from ablation.measure.settings import CellConfig
+from models import count_params, get_model
+
+#: Below this, a norm ratio is float32 rounding (per-example norms agree to ~1e-6 here).
+NORM_RTOL = 1e-5
+#: The clipped sums agree to ~1e-6 of their scale; a wrong rule moves them by ≥ 1e-2.
+SUM_RTOL = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class GhostCheck:
+    """What :func:`check_ghost` found.
+
+    Attributes:
+      model, n_params, batches, batch_size: what was checked.
+      rules: each layer's rule (``{scope: rule}``, see :func:`layer_rules`).
+      norm_ratio: the smallest and largest (rules' norm ÷ materialised norm) over all examples.
+      norm_ratio_allowed: the range the ratio must lie in.
+      sum_error: the largest ``max |ghost − expected| / max |expected|`` over batches and clip
+        norms, per clip norm (``{"C=1": ..., "median": ...}``).
+      clipped: how many examples each clip norm clipped, over all batches.
+    """
+
+    model: str
+    n_params: int
+    batches: int
+    batch_size: int
+    rules: dict[str, str]
+    norm_ratio: tuple[float, float]
+    norm_ratio_allowed: tuple[float, float]
+    sum_error: dict[str, float]
+    clipped: dict[str, int]
+
+    @property
+    def exact(self) -> bool:
+        low, high = self.norm_ratio
+        return (self.norm_ratio_allowed[0] <= low and high <= self.norm_ratio_allowed[1]
+                and all(e <= SUM_RTOL for e in self.sum_error.values()))
+
+    def lines(self) -> list[str]:
+        """The report, one line each."""
+        low, high = self.norm_ratio
+        allowed = self.norm_ratio_allowed
+        out = [f"ghost check: {self.model} ({self.n_params:,} parameters), {self.batches} "
+               f"batch(es) of {self.batch_size}",
+               *(f"  {scope}: {rule}" for scope, rule in self.rules.items()),
+               f"  norms, rules ÷ materialised: {low:.7f} … {high:.7f} (allowed "
+               f"{allowed[0]:.7f} … {allowed[1]:.7f})"]
+        for name, error in self.sum_error.items():
+            out.append(f"  clipped sum at {name} (clips {self.clipped[name]} of "
+                       f"{self.batches * self.batch_size}): max |ghost − materialised| = "
+                       f"{error:.2e} of the sum's scale (allowed {SUM_RTOL:g})")
+        out.append("exact" if self.exact else "NOT EXACT: the ghost engine differs from the "
+                   "materialised gradients beyond rounding")
+        return out
+
+
+def _materialised(loss):
+    @jax.jit
+    def grads(params, x, y):
+        per_example = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, x, y)
+        leaves = jax.tree.leaves(per_example)
+        return jnp.concatenate([leaf.reshape(leaf.shape[0], -1) for leaf in leaves], axis=1)
+    return grads
+
+
+def _flat(tree) -> np.ndarray:
+    return np.concatenate([np.ravel(np.asarray(leaf, np.float64))
+                           for leaf in jax.tree.leaves(tree)])
+
+
+def check_ghost(cell: CellConfig, batches: int = 3) -> GhostCheck:
+    """Compare the ghost engine (``cell.engine_mode``: book-keeping or two-pass) with
+    materialised per-example gradients on ``batches`` batches of the cell's model and data.
+
+    Raises:
+      GhostUnsupported: the model has a layer the rules cannot clip exactly (names it).
+    """
+    model = get_model(cell.model, unroll=cell.unroll, pool=cell.pool)
+    keys = run_keys(cell.seed)
+    params = model.init(keys.init)
+    data = load_training_set(model.dataset, cell.data, key=keys.data, limit=cell.data_limit,
+                             cache_dir=cell.data_cache_dir, download=cell.download)
+    sampler = ShuffleSampler(data, min(cell.batch_size, data.size), keys.sampler)
+    mode = get_engine("ghost", mode=cell.engine_mode or "bookkeeping").ghost
+    rules = layer_rules(model.loss, params, data.x[0], data.y[0])
+    norms_fn = jax.jit(lambda p, x, y: per_example_sq_norms(model.loss, p, x, y))
+    sum_fn = jax.jit(lambda p, x, y, c: ghost_clipped_sum(model.loss, p, x, y, c, mode=mode))
+    grads_fn = _materialised(model.loss)
+    ratios, errors, clipped = [], {}, {}
+    for i in range(batches):
+        batch = sampler.batch(i)
+        g = np.asarray(grads_fn(params, batch.x, batch.y), np.float64)  # [B, n_params]
+        true = np.linalg.norm(g, axis=1)
+        rule = np.sqrt(np.asarray(norms_fn(params, batch.x, batch.y), np.float64))
+        ratios.extend(np.where(true > 0, rule / np.where(true > 0, true, 1), 1.0))
+        for name, clip in ((f"C={cell.dp.clip_norm:g}", cell.dp.clip_norm),
+                           ("the median norm", float(np.median(true)))):
+            factors = np.minimum(1.0, clip / np.where(rule > 0, rule, math.inf))
+            expected = factors @ g
+            got = _flat(sum_fn(params, batch.x, batch.y, jnp.float32(clip)))
+            scale = max(float(np.abs(expected).max()), np.finfo(np.float32).tiny)
+            errors[name] = max(errors.get(name, 0.0), float(np.abs(got - expected).max()) / scale)
+            clipped[name] = clipped.get(name, 0) + int(np.sum(rule > clip))
+    gram = any("gram" in rule for rule in rules.values())
+    high = 1 + NORM_RTOL + (math.sqrt(1 + GRAM_TOLERANCE) - 1 if gram else 0.0)
+    return GhostCheck(model.name, count_params(params), batches, sampler.batch_size, rules,
+                      (float(min(ratios)), float(max(ratios))), (1 - NORM_RTOL, high),
+                      errors, clipped)
