@@ -1,7 +1,8 @@
 """DP-SGD JIT × vmap ablation toolkit.
 
-The public API is the pure core: engines (:mod:`ablation.core.engines`) and the DP-SGD step
-(:mod:`ablation.core.dpsgd`), importable from here (``from ablation import make_step``). They
+The public API is the pure core: engines (:mod:`ablation.core.engines`), the DP-SGD step
+(:mod:`ablation.core.dpsgd`) and the model contract (``Model``, ``DatasetSpec``: your own Haiku
+network and the shape of its data), importable from here (``from ablation import make_step``). They
 load on first use, so that a worker of another framework (TensorFlow Privacy's runs in an
 environment without JAX) can import the package's framework-neutral parts.
 Entry points: ``python -m ablation.run`` (timing) and ``python -m ablation.memory`` (memory probe).
@@ -16,10 +17,12 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "DPConfig": "ablation.core.dpsgd", "Step": "ablation.core.dpsgd",
-    "add_noise": "ablation.core.dpsgd", "make_step": "ablation.core.dpsgd",
+    "add_noise": "ablation.core.noise", "make_step": "ablation.core.dpsgd",
     "sgd": "ablation.core.dpsgd", "ENGINES": "ablation.core.engines",
     "LOOPS": "ablation.core.engines", "Engine": "ablation.core.engines",
     "clipped_grad_sum": "ablation.core.engines", "get_engine": "ablation.core.engines",
+    "Model": "models.registry", "DatasetSpec": "models.registry",
+    "GhostUnsupported": "ablation.core.taps",
 }
 __all__ = sorted(_PUBLIC)
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ablation.core.taps import LayeredLoss
-from models import nets
+from models import attention, nets
 
 PyTree = object
 #: ``loss(params, x1, y1) -> scalar`` for ONE example (no batch axis).
@@ -21,11 +21,13 @@ LossFn = Callable[[PyTree, jax.Array, jax.Array], jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """Shape of a training set as the paper prepared it (synthetic data copies it exactly).
+    """The shape of a training set: what synthetic data copies exactly, and what real data
+    (``data=real``, ``data=arrays``) is checked against.
 
     Attributes:
-      name: dataset name (``adult``, ``mnist``, ``imdb``, ``cifar10``).
-      n_train: training-set size (45,220 / 60,000 / 25,000 / 50,000).
+      name: dataset name (``adult``, ``mnist``, ``imdb``, ``cifar10``, or your own).
+      n_train: training-set size (45,220 / 60,000 / 25,000 / 50,000; synthetic data has as
+        many examples; ``data=arrays`` takes the file's).
       input_shape: shape of ONE example, without the batch axis.
       input_dtype: numpy dtype name of the inputs (``float32`` or ``int32`` token ids).
       num_classes: number of label values; labels are ``int32`` in ``[0, num_classes)``.
@@ -60,24 +62,35 @@ def sigmoid_cross_entropy(logit: jax.Array, label: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-    """A network with its per-example loss and the dataset it trains on.
+    """A network with its per-example loss and the dataset it trains on: what every engine,
+    command, figure and reference row takes (the paper's six models, and yours).
 
-    ``fn`` is the batched Haiku network (``inputs [B, ...] -> logits [B, K]``), ``net`` its
-    transform (``apply(params, x[B, ...])``, no RNG). ``loss(params, x1, y1)`` is the loss of ONE
-    example (the contract of :func:`ablation.clipped_grad_sum`); it is a
-    :class:`~ablation.core.taps.LayeredLoss`, so the ghost engine can tap its layers.
-    ``paper_n_params`` is the paper's count.
+    Attributes:
+      name: the model's name in records, tables and figures.
+      fn: the batched Haiku network, untransformed: ``inputs [B, ...] -> logits [B, K]``
+        (``K = 1`` with ``binary_logit``, else ``dataset.num_classes``).
+      dataset: the shape of its data (:class:`DatasetSpec`).
+      binary_logit: one logit and a sigmoid cross-entropy, rather than K and a softmax one.
+      paper_n_params: the parameter count the paper reports (None for models not in it).
+      output_loss: ``(logits [K], label) -> scalar``, the loss of ONE example's outputs;
+        default: the (sigmoid or softmax) cross-entropy.
+
+    ``net`` is ``fn``'s transform (``apply(params, x[B, ...])``, no RNG). ``loss(params, x1,
+    y1)`` is the loss of ONE example (the contract of :func:`ablation.clipped_grad_sum`); it is
+    a :class:`~ablation.core.taps.LayeredLoss`, so the ghost engine can tap its layers.
     """
 
     name: str
     fn: Callable[[jax.Array], jax.Array]
     dataset: DatasetSpec
-    binary_logit: bool
-    paper_n_params: int
+    binary_logit: bool = False
+    paper_n_params: int | None = None
+    output_loss: Callable[[jax.Array, jax.Array], jax.Array] | None = None
 
     @functools.cached_property
     def loss(self) -> LayeredLoss:
-        output_loss = sigmoid_cross_entropy if self.binary_logit else softmax_cross_entropy
+        output_loss = self.output_loss or (sigmoid_cross_entropy if self.binary_logit
+                                           else softmax_cross_entropy)
         return LayeredLoss(network=self.fn, output_loss=output_loss)
 
     @property
@@ -120,12 +133,17 @@ def _build(name: str, unroll: str, pool: str) -> Model:
         "embed": (nets.embed, IMDB, False, 160_370),
         "lstm": (nets.make_lstm(unroll), IMDB, False, 1_081_002),
         "cifar10": (nets.cifar10, CIFAR10, False, 605_226),
+        "transformer": (attention.transformer, IMDB, False, None),
+        "vit": (attention.vit, CIFAR10, False, None),
     }
     fn, dataset, binary, n_params = builders[name]
     return Model(name, fn, dataset, binary, n_params)
 
 
-MODEL_NAMES: tuple[str, ...] = ("logreg", "ffnn", "cnn", "embed", "lstm", "cifar10")
+#: The paper's six models.
+PAPER_MODEL_NAMES: tuple[str, ...] = ("logreg", "ffnn", "cnn", "embed", "lstm", "cifar10")
+#: Every registered model: the paper's, then the networks people train privately today.
+MODEL_NAMES: tuple[str, ...] = (*PAPER_MODEL_NAMES, "transformer", "vit")
 #: Models built with their default options; use :func:`get_model` for options (lstm unroll).
 MODELS: Mapping[str, Model] = {name: _build(name, "dynamic", "fast") for name in MODEL_NAMES}
 UNROLLS = ("dynamic", "static")

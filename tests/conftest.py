@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ablation.core.compat import enable_x64
-from models import MODEL_NAMES, get_model
+from models import PAPER_MODEL_NAMES, get_model
 
 #: Token sequences are shortened in the engine tests: the architecture (and every parameter
 #: shape) is unchanged, but the lstm's 256 unrolled steps would make each compile take minutes.
@@ -73,7 +73,7 @@ def flatten(tree) -> np.ndarray:
     return np.concatenate([np.ravel(np.asarray(l, np.float64)) for l in jax.tree.leaves(tree)])
 
 
-@pytest.fixture(scope="session", params=MODEL_NAMES)
+@pytest.fixture(scope="session", params=PAPER_MODEL_NAMES)
 def model_case(request):
     """(model, params, x, y) for every model, batch of 4."""
     model = get_model(request.param)

@@ -226,3 +226,72 @@ def test_engines_without_poisson_refuse_it():
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# -- the transformer and the vit, in every framework --------------------------------------------
+
+ENCODERS = ("transformer", "vit")
+
+
+def _encoder_case(name: str):
+    """A full-size input (the Keras twin's input is fixed at 256 tokens) of 4 examples."""
+    model = get_model(name)
+    params = model.init(jax.random.key(0))
+    spec = model.dataset
+    key = jax.random.key(4)
+    x = (jax.random.randint(key, (4, *spec.input_shape), 0, spec.vocab_size)
+         if spec.input_dtype == "int32" else jax.random.uniform(key, (4, *spec.input_shape)))
+    y = jax.random.randint(jax.random.key(5), (4,), 0, spec.num_classes)
+    norms = [np.linalg.norm(g) for g in reference_per_example_grads(model.loss, params, x, y)]
+    clip = float(np.median(norms))
+    expected = clipped_grad_sum("both", model.loss, params, x, y, clip)
+    return model, params, np.asarray(x), np.asarray(y), clip, expected
+
+
+TF_ENCODER_SCRIPT = TF_SCRIPT.replace("np.savez(sys.argv[2], **out)", """\
+model = tfp.build(str(case["name"]))
+out["names"] = np.array(["/".join(tfp.haiku_path(w.name)) for w in model.weights])
+np.savez(sys.argv[2], **out)""")
+
+
+@pytest.mark.skipif(not TF_PYTHON.exists(), reason=f"no TF Privacy environment at {TF_PYTHON} "
+                                                    "(make tf; make test makes it)")
+@pytest.mark.parametrize("name", ENCODERS)
+def test_tf_privacy_clipped_sum_equals_jax_on_the_encoders(name, tmp_path):
+    """Keras' MultiHeadAttention and LayerNormalization twins, weights mapped by name."""
+    _, params, x, y, clip, expected = _encoder_case(name)
+    as_json = json.dumps({k: {n: np.asarray(v).tolist() for n, v in g.items()}
+                          for k, g in params.items()})
+    np.savez(tmp_path / "case.npz", name=name, params=as_json, x=x, y=y, clip=clip)
+    proc = subprocess.run([str(TF_PYTHON), "-c", TF_ENCODER_SCRIPT, str(tmp_path / "case.npz"),
+                           str(tmp_path / "out.npz")], cwd=REPO, capture_output=True, text=True,
+                          timeout=900, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = np.load(tmp_path / "out.npz")
+    names = [str(n).rsplit("/", 1) for n in out["names"]]
+    wanted = [np.asarray(expected[scope][leaf]) for scope, leaf in names]
+    for mode in ("vectorized", "loop"):
+        got = [out[f"{mode}_{i}"].reshape(w.shape) for i, w in enumerate(wanted)]
+        _close(got, wanted, f"tfp[{mode}] {name}")
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_pyvacy_and_jax_privacy_clipped_sums_equal_ours_on_the_encoders(name):
+    pytest.importorskip("torch", reason="PyTorch is not installed (make torch)")
+    import torch
+
+    from ablation.reference import pyvacy, torch_nets
+    _, params, x, y, clip, expected = _encoder_case(name)
+    module = torch_nets.build(name)
+    torch_nets.load_haiku_params(module, params, name)
+    x_torch = torch.from_numpy(x).long() if x.dtype.kind == "i" else torch.from_numpy(x)
+    got = pyvacy.microbatch_clipped_sum(module, name, x_torch,
+                                        torch_nets.targets_for(name, torch.from_numpy(y)), clip)
+    _close([g.detach().numpy() for g in got],
+           torch_nets.haiku_to_torch(name, expected, gradient=True), f"pyvacy {name}")
+    pytest.importorskip("jax_privacy", reason="jax-privacy is not installed (make torch)")
+    from ablation.reference import jax_privacy as rows
+    model = get_model(name)
+    ours = rows.clipped_sum(model.loss, params, x, y, clip)
+    _close([np.asarray(a) for a in jax.tree.leaves(ours)],
+           [np.asarray(a) for a in jax.tree.leaves(expected)], f"jax_privacy {name}")

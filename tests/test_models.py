@@ -7,16 +7,34 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import DATASETS, MODEL_NAMES, MODELS, count_params, get_model
+from models import DATASETS, MODEL_NAMES, MODELS, PAPER_MODEL_NAMES, count_params, get_model
 
 PAPER_COUNTS = {"logreg": 105, "ffnn": 5_352, "cnn": 26_010, "embed": 160_370,
                 "lstm": 1_081_002, "cifar10": 605_226}
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", PAPER_MODEL_NAMES)
 def test_parameter_count_equals_paper(name):
     params = MODELS[name].init(jax.random.key(0))
     assert count_params(params) == PAPER_COUNTS[name] == MODELS[name].paper_n_params
+
+
+def _encoder_count(tokens_in: int, positions: int, classes: int, d: int = 64, blocks: int = 2):
+    """Parameters of models/attention.py's encoders counted by hand: the input layer, the
+    position table, per block two LayerNorms (scale, offset), four d×d attention projections
+    with biases and the 4× MLP, the final LayerNorm and the classifier."""
+    block = 2 * 2 * d + 4 * (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+    return tokens_in + positions * d + blocks * block + 2 * d + d * classes + classes
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("transformer", _encoder_count(10_004 * 64, 256, 2, blocks=1)),  # 706,882
+    ("vit", _encoder_count(4 * 4 * 3 * 64 + 64, 64, 10)),  # 107,978
+])
+def test_parameter_counts_of_the_encoders(name, expected):
+    params = MODELS[name].init(jax.random.key(0))
+    assert count_params(params) == expected  # not the paper's: paper_n_params stays None
+    assert MODELS[name].paper_n_params is None
 
 
 def test_static_and_dynamic_lstm_are_the_same_model():

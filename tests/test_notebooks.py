@@ -10,12 +10,28 @@ from nbclient import NotebookClient
 
 from tests.records import write_fixture
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+ALL = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+#: The notebooks that read records (the committed reference, or DPSGD_RESULTS).
+NOTEBOOKS = [p for p in ALL if p.name != "04_own_model.ipynb"]
 
 
-def test_the_three_notebooks_exist():
-    assert [p.name for p in NOTEBOOKS] == ["01_runtimes.ipynb", "02_ablation.ipynb",
-                                           "03_memory.ipynb"]
+def test_the_four_notebooks_exist():
+    assert [p.name for p in ALL] == ["01_runtimes.ipynb", "02_ablation.ipynb", "03_memory.ipynb",
+                                     "04_own_model.ipynb"]
+
+
+def test_the_own_model_notebook_runs_its_sweep_and_draws_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPSGD_OWN_MODEL_RUNS", str(tmp_path / "runs"))
+    path = ALL[-1]
+    notebook = nbformat.read(path, as_version=4)
+    assert not any(c.get("outputs") for c in notebook.cells if c.cell_type == "code")
+    NotebookClient(notebook, timeout=900, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert [o for o in outputs if "image/png" in o.get("data", {})]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "ghost: max |difference from both|" in text and "small_transformer" in text
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

@@ -48,7 +48,8 @@ def test_every_group_option_composes_and_validates(group, options):
 
 @pytest.mark.parametrize("option, engine, mode", [
     ("ghost", "ghost", "bookkeeping"), ("ghost_two_pass", "ghost", "two_pass"),
-    ("opacus", "opacus", "hooks"), ("opacus_ghost", "opacus", "ghost"), ("both", "both", None)])
+    ("opacus", "opacus", "hooks"), ("opacus_ghost", "opacus", "ghost"),
+    ("opacus_functorch", "opacus", "functorch"), ("both", "both", None)])
 def test_engine_options_carry_their_mode(option, engine, mode):
     from omegaconf import OmegaConf
     cell = cell_from_dict(OmegaConf.to_container(_compose([f"engine={option}"]), resolve=True))

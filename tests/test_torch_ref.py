@@ -16,7 +16,7 @@ from ablation import (
 )
 from ablation.reference import opacus as opacus_rows  # noqa: E402
 from ablation.reference import torch_nets  # noqa: E402
-from models import MODEL_NAMES, count_params, get_model  # noqa: E402
+from models import PAPER_MODEL_NAMES as MODEL_NAMES, count_params, get_model  # noqa: E402
 from tests.cli import QUICK, run_cli  # noqa: E402
 from tests.conftest import reference_per_example_grads, small_batch  # noqa: E402
 
@@ -51,7 +51,9 @@ def _opacus_sums(name, params, x, y, clip, mode):
 
 
 @pytest.mark.parametrize("name, mode", [(n, "hooks") for n in MODEL_NAMES]
-                         + [(n, m) for n in ("ffnn", "cnn") for m in ("functorch", "ghost")])
+                         + [(n, m) for n in ("ffnn", "cnn") for m in ("functorch", "ghost")]
+                         + [(n, m) for n in ("transformer", "vit")
+                            for m in ("hooks", "ghost", "functorch")])
 def test_opacus_clipped_sum_equals_jax(name, mode):
     """Issue 12.22: every model with a reference row, the lstm (default, scanned) included."""
     model = get_model(name)
@@ -78,7 +80,7 @@ def test_the_jax_clipped_sum_is_what_the_twins_compute():
         np.testing.assert_allclose(g, e, rtol=RTOL, atol=ATOL * max(1.0, np.abs(e).max()))
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", [*MODEL_NAMES, "transformer", "vit"])
 def test_parameter_counts_match_jax_but_lstm_biases(name):
     jax_count = count_params(get_model(name).init(jax.random.key(0)))
     torch_count = torch_nets.count_params(torch_nets.build(name))
@@ -87,7 +89,7 @@ def test_parameter_counts_match_jax_but_lstm_biases(name):
 
 
 def test_same_weights_same_logits():
-    for name in MODEL_NAMES:
+    for name in (*MODEL_NAMES, "transformer", "vit"):
         model = get_model(name)
         params = model.init(jax.random.key(1))
         x, _ = small_batch(model, 3, seed=5)

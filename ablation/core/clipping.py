@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from typing import Any, Callable, Mapping
 
 import jax
@@ -59,7 +60,7 @@ from jax import lax
 
 from ablation.core.masking import fill_padded, zero_unless_any
 from ablation.core.taps import (HIGHEST, GhostUnsupported, LayeredLoss, LayerTap,
-                                check_parameter_uses)
+                                parameter_violations)
 
 PyTree = Any
 MODES = ("bookkeeping", "two_pass")
@@ -198,50 +199,104 @@ def dense_sq_norms(inputs: jax.Array, grads: jax.Array, names: tuple[str, ...]) 
     return dense_norms(inputs, grads, names).sq
 
 
-def extract_patches(x: jax.Array, kernel: tuple[int, int], strides: tuple[int, int],
+def extract_patches(x: jax.Array, kernel: tuple[int, ...], strides: tuple[int, ...],
                     padding: Any) -> jax.Array:
-    """``[N, H, W, C] -> [N, H', W', kh·kw·C]``: each output position's input window, in the
-    ``(kh, kw, C)`` order of an HWIO kernel.
+    """``[N, *spatial, C] -> [N, *out, k₁···k_n·C]``: each output position's input window, in
+    the ``(k₁, …, k_n, C)`` order of a channels-last kernel (``HWIO`` in 2-D).
 
-    Pads and takes ``kh·kw`` strided slices: memory moves only, where
+    Pads and takes one strided slice per kernel offset: memory moves only, where
     ``lax.conv_general_dilated_patches`` runs a convolution with an identity kernel (on
     XLA:CPU several times slower for the cifar10 layers).
     """
-    spatial = x.shape[1:3]
+    dims = len(kernel)
+    spatial = x.shape[1:1 + dims]
     pads = (lax.padtype_to_pads(spatial, kernel, strides, padding) if isinstance(padding, str)
             else [tuple(p) for p in padding])
     x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-    out_h = (x.shape[1] - kernel[0]) // strides[0] + 1
-    out_w = (x.shape[2] - kernel[1]) // strides[1] + 1
-    views = [x[:, i:i + strides[0] * (out_h - 1) + 1:strides[0],
-               j:j + strides[1] * (out_w - 1) + 1:strides[1]]
-             for i in range(kernel[0]) for j in range(kernel[1])]
-    return jnp.concatenate(views, axis=-1)  # [N, H', W', kh·kw·C], (kh, kw, C) order
+    out = [(x.shape[1 + i] - kernel[i]) // strides[i] + 1 for i in range(dims)]
+    views = [x[(slice(None), *(slice(o, o + s * (n - 1) + 1, s)
+                               for o, s, n in zip(offsets, strides, out)))]
+             for offsets in itertools.product(*(range(k) for k in kernel))]
+    return jnp.concatenate(views, axis=-1)
+
+
+_SPATIAL = {1: "W", 2: "HW", 3: "DHW"}
 
 
 def conv_norms(inputs: jax.Array, grads: jax.Array, tap: LayerTap) -> LayerNorms:
     """The conv rule: the input's patches are the dense rule's ``A`` over output positions.
 
-    ``inputs [B, n, H, W, C]`` and ``grads [B, n, H', W', O]`` (``n`` images per example: 1
+    ``inputs [B, n, *spatial, C]`` and ``grads [B, n, *out, O]`` (``n`` inputs per example: 1
     for a network that convolves its input as it comes).
     """
     o = tap.options
+    dims = o["spatial_dims"]
     batch, channels = inputs.shape[0], inputs.shape[-1]
-    images = inputs.reshape(-1, *inputs.shape[-3:])
+    images = inputs.reshape(-1, *inputs.shape[-(dims + 1):])
     kernel = tuple(o["filter_shape"])
     if any(d != 1 for d in (*o["lhs_dilation"], *o["rhs_dilation"])):
+        if dims not in _SPATIAL:
+            raise GhostUnsupported(f"ghost: a dilated {dims}-D convolution has no conv rule "
+                                   "(1-, 2- and 3-D do)")
+        letters = _SPATIAL[dims]
         patches = lax.conv_general_dilated_patches(
             images, kernel, o["window_strides"], o["padding"], lhs_dilation=o["lhs_dilation"],
-            rhs_dilation=o["rhs_dilation"], dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            precision=HIGHEST)
-        # lax orders a patch's features (C, kh, kw); the kernel's rows are (kh, kw, C).
+            rhs_dilation=o["rhs_dilation"], precision=HIGHEST,
+            dimension_numbers=(f"N{letters}C", f"{letters}IO", f"N{letters}C"))
+        # lax orders a patch's features (C, k₁, …); the kernel's rows are (k₁, …, C).
         patches = patches.reshape(*patches.shape[:-1], channels, *kernel)
-        patches = jnp.moveaxis(patches, -3, -1).reshape(*patches.shape[:3], -1)
+        patches = jnp.moveaxis(patches, -dims - 1, -1).reshape(*patches.shape[:dims + 1], -1)
     else:
         patches = extract_patches(images, kernel, o["window_strides"], o["padding"])
     patches = patches.reshape(batch, -1, patches.shape[-1])
     out = grads.shape[-1]
     return dense_norms(patches, grads, tap.params, (*kernel, channels, out))
+
+
+def _to_axes(axis: Any, ndim: int) -> tuple[int, ...]:
+    """Haiku's norm axes (an int, a sequence or a slice) as absolute axes of an ``ndim`` array."""
+    if isinstance(axis, slice):
+        return tuple(range(ndim)[axis])
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    return tuple(sorted(a % ndim for a in axes))
+
+
+def norm_affine_norms(inputs: jax.Array, grads: jax.Array, tap: LayerTap) -> LayerNorms:
+    """``hk.LayerNorm`` and ``hk.RMSNorm``: ``out = scale ⊙ x̂ + offset`` of the normalised input,
+    so each example's gradient is ``Σ x̂ ⊙ g`` (scale) and ``Σ g`` (offset) over the axes the
+    parameters do not span: small (``[B, d]``), held and reused, never a Gram form.
+
+    ``inputs [B, *x]`` are the layer's inputs as it saw them (``x`` with its batch of one):
+    ``x̂`` is computed from them exactly as the stock layer computes it.
+    """
+    o = tap.options
+    ndim = inputs.ndim - 1  # the layer's own view: [1, ...] per example
+    axes = tuple(a + 1 for a in _to_axes(o["axis"], ndim))
+    x = inputs
+    if o["rms"]:
+        normalized = x * lax.rsqrt(jnp.mean(jnp.square(x), axis=axes, keepdims=True) + o["eps"])
+    else:
+        mean = jnp.mean(x, axis=axes, keepdims=True)
+        if o["fast_variance"]:
+            variance = jnp.mean(jnp.square(x), axis=axes, keepdims=True) - jnp.square(mean)
+        else:
+            variance = jnp.var(x, axis=axes, keepdims=True)
+        normalized = (x - mean) * lax.rsqrt(variance + jnp.asarray(o["eps"], variance.dtype))
+    param_axes = _to_axes(o["param_axis"], ndim)
+    summed = tuple(a + 1 for a in range(ndim) if a not in param_axes)
+    param_shape = ((inputs.shape[-1],) if param_axes == (ndim - 1,) else
+                   tuple(inputs.shape[1 + i] if i in param_axes else 1 for i in range(ndim)))
+    held = {}
+    if "scale" in tap.params:
+        held["scale"] = jnp.sum(normalized * grads, axis=summed).reshape(-1, *param_shape)
+    if "offset" in tap.params:
+        held["offset"] = jnp.sum(grads, axis=summed).reshape(-1, *param_shape)
+    sq = sum(jnp.sum(jnp.square(v.reshape(v.shape[0], -1)), axis=1) for v in held.values())
+
+    def exact_sum(c, wanted):
+        return {name: _weighted(c, held[name]) for name in wanted}
+
+    return LayerNorms(sq, exact_sum, tuple(sorted(held)))
 
 
 def _group_repeated_ids(ids: jax.Array, vocab_size: int) -> tuple[jax.Array, jax.Array]:
@@ -318,9 +373,12 @@ RULES: Mapping[str, Rule] = {
     "dense": Rule(lambda a, g, tap: dense_norms(a, g, tap.params),
                   "hk.Linear (and dense maps over positions or time): ‖a‖²‖g‖², or Gram / "
                   "materialised over positions, whichever is cheaper"),
-    "conv2d": Rule(conv_norms, "hk.Conv2D: patches, then the dense rule over positions"),
+    "conv": Rule(conv_norms, "hk.Conv1D/2D/3D, hk.ConvND: patches, then the dense rule over "
+                 "positions"),
     "embed": Rule(lambda ids, g, tap: embed_norms(ids, g, tap.options["vocab_size"]),
                   "hk.Embed: segment sum over repeated ids"),
+    "norm_affine": Rule(norm_affine_norms, "hk.LayerNorm, hk.RMSNorm: their scale and offset "
+                        "gradients, materialised (small)"),
 }
 
 
@@ -328,94 +386,60 @@ RULES: Mapping[str, Rule] = {
 # The clipped sum.
 
 
-def _check_coverage(params: Mapping[str, Mapping[str, jax.Array]],
-                    layers: Mapping[str, LayerTap]) -> None:
+#: What the ghost engine does with parameters no rule covers exactly: refuse (``error``,
+#: naming them) or compute those parameters' per-example gradients (``materialise``).
+FALLBACKS = ("error", "materialise")
+
+
+def _uncovered(params: Mapping[str, Mapping[str, jax.Array]],
+               layers: Mapping[str, LayerTap]) -> dict[str, str]:
+    """``{scope: why}`` for every parameter scope no rule covers."""
+    out = {}
     for scope, leaves in params.items():
         if scope not in layers:
-            raise GhostUnsupported(f"ghost: no clipping rule covers the parameters of "
-                                   f"{scope!r} ({', '.join(sorted(leaves))}); supported layers: "
-                                   f"{'; '.join(r.description for r in RULES.values())}")
+            out[scope] = (f"no clipping rule covers the parameters of {scope!r} "
+                          f"({', '.join(sorted(leaves))}); supported layers: "
+                          f"{'; '.join(r.description for r in RULES.values())}")
+            continue
         tap = layers[scope]
         if set(leaves) != set(tap.params):
-            raise GhostUnsupported(f"ghost: layer {scope!r} holds parameters "
-                                   f"{sorted(leaves)} but its {tap.kind} rule covers "
-                                   f"{sorted(tap.params)}")
-        if tap.kind not in RULES:
-            raise GhostUnsupported(f"ghost: layer {scope!r} is of kind {tap.kind!r}, which has "
-                                   f"no rule (kinds: {', '.join(RULES)})")
+            out[scope] = (f"layer {scope!r} holds parameters {sorted(leaves)} but its "
+                          f"{tap.kind} rule covers {sorted(tap.params)}")
+        elif tap.kind not in RULES:
+            out[scope] = (f"layer {scope!r} is of kind {tap.kind!r}, which has no rule "
+                          f"(kinds: {', '.join(RULES)})")
+    return out
 
 
-def ghost_clipped_sum(loss: LayeredLoss, params: PyTree, x: jax.Array, y: jax.Array,
-                      clip_norm: float | jax.Array, mask: jax.Array | None = None,
-                      mode: str = "bookkeeping") -> PyTree:
-    """``Σ_i mask_i · g_i · min(1, C/‖g_i‖)`` from per-layer rules, no per-example gradients.
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How the ghost engine clips one network (static: found by tracing one example).
 
-    Equal to :func:`ablation.core.engines.vmap_sum` (to float rounding, and to the Gram form's
-    documented over-clipping of at most :data:`GRAM_TOLERANCE`). Padded slots (``mask <= 0``)
-    hold a copy of a kept example and get a clip factor of exactly 0.
+    Attributes:
+      layers: the tapped layers whose rules give their norms and sums.
+      fallback: ``{scope: why}``: parameter scopes whose per-example gradients are computed
+        instead (``engine.fallback=materialise``), in the same backward pass.
+      output_shapes: each tapped layer's output, for its zero perturbation.
+      input_shapes: each tapped layer's input, as the layer saw it (its batch of one).
+    """
+
+    layers: Mapping[str, LayerTap]
+    fallback: Mapping[str, str]
+    output_shapes: Mapping[str, jax.ShapeDtypeStruct]
+    input_shapes: Mapping[str, tuple[int, ...]]
+
+
+def _plan(loss: LayeredLoss, params: PyTree, x1: Any, y1: Any, fallback: str) -> Plan:
+    """The taps of one example's pass, found by tracing it once (nothing is computed), and the
+    structural checks: every parameter covered by a rule and consumed only inside its layer,
+    or (with the fallback) materialised.
 
     Raises:
-      GhostUnsupported: a parameter no rule covers, a layer used twice, a parameter used
-        outside its layer, a subclassed or transformed layer (the message names it).
+      GhostUnsupported: what no rule covers or a parameter used outside its layer, naming it
+        (with ``fallback="error"``); a layer the taps cannot see (always).
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown ghost mode {mode!r}; valid: {', '.join(MODES)}")
-    if not isinstance(loss, LayeredLoss):
-        raise GhostUnsupported("ghost: the loss must be a LayeredLoss (a model's `loss` from "
-                               "models.get_model), so that its layers can be tapped")
-    keep = None
-    if mask is not None:
-        keep = mask > 0
-        x, y = fill_padded(x, y, keep)
-
-    norms, inputs, out_grads, layers = _tapped_pass(loss, params, x, y)
-    sq_norms = sum(n.sq for n in norms.values())
-    scale = jnp.minimum(1.0, clip_norm / jnp.sqrt(sq_norms))  # [B]; 1 for a zero gradient
-    if keep is not None:
-        scale = jnp.where(keep, scale, 0.0)
-
-    if mode == "two_pass":
-        c = lax.stop_gradient(scale)
-        batched = jax.grad(lambda p: jnp.sum(c * loss.batch_losses(p, x, y)))(params)
-    grads = {}
-    for scope, tap in layers.items():
-        rule = norms[scope]
-        if mode == "two_pass":
-            layer = {n: g for n, g in batched[scope].items() if n not in rule.names}
-        else:
-            layer = _bookkeeping_sum(tap, params[scope], inputs[scope], out_grads[scope], scale,
-                                     skip=rule.names)
-        layer.update(rule.exact_sum(scale, rule.names))
-        if rule.fallback is not None:  # the Gram bound was loose: every example's own gradient
-            names = tuple(layer)
-            layer = lax.cond(rule.fallback, lambda c: rule.exact_sum(c, names),
-                             lambda c: layer, scale)
-        grads[scope] = {name: layer[name] for name in params[scope]}
-    grads = type(params)(grads) if isinstance(params, dict) else grads
-    return grads if keep is None else zero_unless_any(keep, grads)
-
-
-def _bookkeeping_sum(tap: LayerTap, layer_params: Mapping[str, jax.Array], inputs: jax.Array,
-                     out_grads: jax.Array, scale: jax.Array, skip: tuple[str, ...]) -> dict:
-    """``Σ_i c_i ∇_layer ℓ_i`` as one VJP of the layer at the stored inputs, for the parameters
-    the rule does not already hold per example (``skip``: those come from its exact sum)."""
-    names = [n for n in layer_params if n not in skip]
-    if not names:
-        return {}
-    scaled = out_grads * scale.reshape((-1,) + (1,) * (out_grads.ndim - 1)).astype(
-        out_grads.dtype)
-    if tap.kind == "conv2d":  # [B, n, H, W, C] examples of n images: the layer sees N = B·n
-        inputs = inputs.reshape(-1, *inputs.shape[-3:])
-        scaled = scaled.reshape(-1, *scaled.shape[-3:])
-    fixed = {n: v for n, v in layer_params.items() if n not in names}
-    _, vjp = jax.vjp(lambda free: tap.apply({**fixed, **free}, inputs),
-                     {n: layer_params[n] for n in names})
-    return dict(vjp(scaled)[0])
-
-
-def _discover(loss: LayeredLoss, params: PyTree, x1: Any, y1: Any):
-    """The taps of one example's pass, found by tracing it once (nothing is computed): its
-    layers, their output shapes, and the structural check of every parameter's uses."""
+    if fallback not in FALLBACKS:
+        raise ValueError(f"unknown ghost fallback {fallback!r}; valid: {', '.join(FALLBACKS)}")
     found: list[Any] = []
 
     def discover(p, a, b):
@@ -432,67 +456,181 @@ def _discover(loss: LayeredLoss, params: PyTree, x1: Any, y1: Any):
                                "batch directly, or tap them by hand (models/nets.py's LSTM)"
                                ) from error
     recorder = found[-1]
-    _check_coverage(params, recorder.layers)
+    problems = _uncovered(params, recorder.layers)
+    if fallback == "error" and problems:
+        raise GhostUnsupported(f"ghost: {next(iter(problems.values()))} (or "
+                               "engine.fallback=materialise)")
     paths = [(_key_name(path[0]), _key_name(path[-1]))
              for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    check_parameter_uses(closed, paths, recorder.regions)
-    return recorder
+    ruled = [(scope, name) for scope, name in paths if scope not in problems]
+    uses = parameter_violations(closed, [p if p in ruled else None for p in paths],
+                                recorder.regions)
+    if fallback == "error" and uses:
+        raise GhostUnsupported(next(iter(uses.values())))
+    why = {**{scope: "no rule covers this layer" for scope in problems},
+           **{scope: "its weights are used outside the layer too" for scope in uses}}
+    layers = {scope: tap for scope, tap in recorder.layers.items() if scope not in why}
+    outputs = {scope: shape for scope, shape in recorder.outputs.items() if scope in layers}
+    return Plan(layers, why, outputs, dict(recorder.input_shapes))
+
+
+def ghost_clipped_sum(loss: LayeredLoss, params: PyTree, x: jax.Array, y: jax.Array,
+                      clip_norm: float | jax.Array, mask: jax.Array | None = None,
+                      mode: str = "bookkeeping", fallback: str = "error") -> PyTree:
+    """``Σ_i mask_i · g_i · min(1, C/‖g_i‖)`` from per-layer rules, no per-example gradients
+    (but those of the parameters no rule covers, with ``fallback="materialise"``).
+
+    Equal to :func:`ablation.core.engines.vmap_sum` (to float rounding, and to the Gram form's
+    documented over-clipping of at most :data:`GRAM_TOLERANCE`). Padded slots (``mask <= 0``)
+    hold a copy of a kept example and get a clip factor of exactly 0.
+
+    Raises:
+      GhostUnsupported: a parameter no rule covers or used outside its layer (unless the
+        fallback materialises it), a layer used twice, a subclassed or transformed layer (the
+        message names it).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown ghost mode {mode!r}; valid: {', '.join(MODES)}")
+    if not isinstance(loss, LayeredLoss):
+        raise GhostUnsupported("ghost: the loss must be a LayeredLoss (a model's `loss` from "
+                               "models.get_model, or ablation.Model(...).loss), so that its "
+                               "layers can be tapped")
+    keep = None
+    if mask is not None:
+        keep = mask > 0
+        x, y = fill_padded(x, y, keep)
+
+    norms, inputs, out_grads, plan, materialised = _tapped_pass(loss, params, x, y, fallback)
+    sq_norms = _total_sq(norms, materialised)
+    scale = jnp.minimum(1.0, clip_norm / jnp.sqrt(sq_norms))  # [B]; 1 for a zero gradient
+    if keep is not None:
+        scale = jnp.where(keep, scale, 0.0)
+
+    if mode == "two_pass":
+        c = lax.stop_gradient(scale)
+        batched = jax.grad(lambda p: jnp.sum(c * loss.batch_losses(p, x, y)))(params)
+    grads = {scope: {name: _weighted(scale, g) for name, g in leaves.items()}
+             for scope, leaves in materialised.items()}
+    for scope, tap in plan.layers.items():
+        rule = norms[scope]
+        if mode == "two_pass":
+            layer = {n: g for n, g in batched[scope].items() if n not in rule.names}
+        else:
+            layer = _bookkeeping_sum(tap, params[scope], inputs[scope], out_grads[scope], scale,
+                                     skip=rule.names)
+        layer.update(rule.exact_sum(scale, rule.names))
+        if rule.fallback is not None:  # the Gram bound was loose: every example's own gradient
+            names = tuple(layer)
+            layer = lax.cond(rule.fallback, lambda c: rule.exact_sum(c, names),
+                             lambda c: layer, scale)
+        grads[scope] = {name: layer[name] for name in params[scope]}
+    grads = {scope: grads[scope] for scope in params}  # the parameters' own order
+    grads = type(params)(grads) if isinstance(params, dict) else grads
+    return grads if keep is None else zero_unless_any(keep, grads)
+
+
+def _bookkeeping_sum(tap: LayerTap, layer_params: Mapping[str, jax.Array], inputs: jax.Array,
+                     out_grads: jax.Array, scale: jax.Array, skip: tuple[str, ...]) -> dict:
+    """``Σ_i c_i ∇_layer ℓ_i`` as one VJP of the layer at the stored inputs, for the parameters
+    the rule does not already hold per example (``skip``: those come from its exact sum)."""
+    names = [n for n in layer_params if n not in skip]
+    if not names:
+        return {}
+    scaled = out_grads * scale.reshape((-1,) + (1,) * (out_grads.ndim - 1)).astype(
+        out_grads.dtype)
+    if tap.kind == "conv":  # [B, n, *spatial, C]: n inputs per example, the layer sees B·n
+        dims = tap.options["spatial_dims"] + 1
+        inputs = inputs.reshape(-1, *inputs.shape[-dims:])
+        scaled = scaled.reshape(-1, *scaled.shape[-dims:])
+    fixed = {n: v for n, v in layer_params.items() if n not in names}
+    _, vjp = jax.vjp(lambda free: tap.apply({**fixed, **free}, inputs),
+                     {n: layer_params[n] for n in names})
+    return dict(vjp(scaled)[0])
 
 
 def _key_name(key: Any) -> str:
     return str(getattr(key, "key", getattr(key, "name", key)))
 
 
-def _tapped_pass(loss: LayeredLoss, params: PyTree, x: jax.Array, y: jax.Array):
+def _example(x: Any) -> jax.ShapeDtypeStruct:
+    """One example of a batch ``x`` (``[B, ...]``), as a shape."""
+    return jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x))
+
+
+def _tapped_pass(loss: LayeredLoss, params: PyTree, x: jax.Array, y: jax.Array,
+                 fallback: str = "error"):
     """Every example's tapped pass, vmapped: per-layer norms, each layer's inputs and output
-    gradients ``[B, ...]`` (one row per example), and the layers' taps."""
-    one = lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype)  # noqa: E731
-    recorder = _discover(loss, params, one(x), one(y))
-    layers = dict(recorder.layers)
-    zeros = {scope: jnp.zeros(s.shape, s.dtype) for scope, s in recorder.outputs.items()}
+    gradients ``[B, ...]`` (one row per example), the plan, and the per-example gradients
+    ``[B, ...]`` of the parameters the fallback materialises (the same backward pass)."""
+    plan = _plan(loss, params, _example(x), _example(y), fallback)
+    zeros = {scope: jnp.zeros(s.shape, s.dtype) for scope, s in plan.output_shapes.items()}
+    loose = {scope: params[scope] for scope in plan.fallback}
+    fixed = {scope: leaves for scope, leaves in params.items() if scope not in plan.fallback}
 
-    def example(perturbations, x1, y1):
-        value, inputs, _ = loss.tapped_example(params, perturbations, x1, y1)
-        return value, inputs
+    def example(perturbations, free, x1, y1):
+        joined = type(params)({**fixed, **free}) if isinstance(params, dict) else {**fixed,
+                                                                                   **free}
+        value, inputs, _ = loss.tapped_example(joined, perturbations, x1, y1)
+        return value, {scope: inputs[scope] for scope in plan.layers}
 
-    grad = jax.grad(example, has_aux=True)
-    out_grads, inputs = jax.vmap(grad, in_axes=(None, 0, 0))(zeros, x, y)
+    grad = jax.grad(example, argnums=(0, 1), has_aux=True)
+    (out_grads, materialised), inputs = jax.vmap(grad, in_axes=(None, None, 0, 0))(
+        zeros, loose, x, y)
     norms = {scope: RULES[tap.kind].norms(inputs[scope], out_grads[scope], tap)
-             for scope, tap in layers.items()}
-    return norms, inputs, out_grads, layers
+             for scope, tap in plan.layers.items()}
+    return norms, inputs, out_grads, plan, materialised
 
 
-def layer_rules(loss: LayeredLoss, params: PyTree, x1: Any, y1: Any) -> dict[str, str]:
-    """How the ghost engine clips each layer of ``loss``'s network, for examples shaped like
-    ``x1`` (one example, no batch axis; arrays or ``ShapeDtypeStruct``s): ``{scope: rule}``,
-    e.g. ``dense``, ``dense: gram over 25 positions``, ``conv2d: materialised over 196
-    positions``, ``embed: segment sum over 256 ids``.
+def layer_rules(loss: LayeredLoss, params: PyTree, x1: Any, y1: Any,
+                fallback: str = "error") -> dict[str, str]:
+    """How the ghost engine clips each parameter scope of ``loss``'s network, for examples
+    shaped like ``x1`` (one example, no batch axis; arrays or ``ShapeDtypeStruct``s):
+    ``{scope: rule}``, e.g. ``dense``, ``dense: gram over 25 positions``, ``conv2d:
+    materialised over 196 positions``, ``embed: segment sum over 256 ids``, ``layer norm``,
+    ``fallback: materialised (<why>)``.
 
     Raises:
       GhostUnsupported: as :func:`ghost_clipped_sum` would, naming the layer.
     """
     one = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))  # noqa: E731
-    recorder = _discover(loss, params, one(x1), one(y1))
+    plan = _plan(loss, params, one(x1), one(y1), fallback)
     rules = {}
-    for scope, tap in recorder.layers.items():
-        inputs, outputs = recorder.input_shapes[scope], recorder.outputs[scope].shape
+    for scope in params:
+        if scope in plan.fallback:
+            rules[scope] = f"fallback: materialised ({plan.fallback[scope]})"
+            continue
+        tap = plan.layers[scope]
+        inputs, outputs = plan.input_shapes[scope], plan.output_shapes[scope].shape
         if tap.kind == "embed":
             rules[scope] = f"embed: segment sum over {int(np.prod(inputs))} ids"
             continue
-        features = inputs[-1]
-        if tap.kind == "conv2d":
-            kh, kw = tap.options["filter_shape"]
-            features *= kh * kw
+        if tap.kind == "norm_affine":
+            rules[scope] = "rms norm" if tap.options["rms"] else "layer norm"
+            continue
+        features, kind = inputs[-1], tap.kind
+        if tap.kind == "conv":
+            features *= int(np.prod(tap.options["filter_shape"]))
+            kind = f"conv{tap.options['spatial_dims']}d"
         positions = int(np.prod(outputs[:-1]))
         if positions == 1:
-            rules[scope] = tap.kind
+            rules[scope] = kind
             continue
         form = "gram" if prefers_gram(positions, features, outputs[-1]) else "materialised"
-        rules[scope] = f"{tap.kind}: {form} over {positions} positions"
+        rules[scope] = f"{kind}: {form} over {positions} positions"
     return rules
 
 
-def per_example_sq_norms(loss: LayeredLoss, params: PyTree, x: jax.Array,
-                         y: jax.Array) -> jax.Array:
+def per_example_sq_norms(loss: LayeredLoss, params: PyTree, x: jax.Array, y: jax.Array,
+                         fallback: str = "error") -> jax.Array:
     """``‖g_i‖²`` of every example by the rules (what the clip factors are made of)."""
-    return sum(n.sq for n in _tapped_pass(loss, params, x, y)[0].values())
+    norms, _, _, _, materialised = _tapped_pass(loss, params, x, y, fallback)
+    return _total_sq(norms, materialised)
+
+
+def _total_sq(norms: Mapping[str, LayerNorms], materialised: Mapping[str, Mapping]) -> jax.Array:
+    """Each example's squared norm: the rules' layers and the materialised ones together."""
+    total = sum(n.sq for n in norms.values())
+    for leaves in materialised.values():
+        total = total + sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1)
+                            for g in leaves.values())
+    return total

@@ -16,8 +16,9 @@ A non-private step (``dp=None``) keeps the engine's two switches: a vectorised e
 batched gradient, a loop engine runs the same loop without clipping, and no noise is added. So
 private ÷ non-private of one engine is the cost of clipping and noise alone.
 
-The noise is drawn in the shared finishing code from the step's key, one normal draw per leaf
-(``jax.random.split(key, n_leaves)``), so the same key gives the same noise in every engine.
+The noise is drawn in the shared finishing code from the step's key (``core/noise.py``: the
+values of ``jax.random.normal(key, (n_params,))`` laid over the leaves, computed in the loop
+that adds them), so the same key gives the same noise in every engine.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import optax
 
 from ablation.core.engines import (DispatchLoop, Engine, LossFn, PyTree, check_batch,
                                    check_clip_norm, get_engine, traced_sum_strategy)
+from ablation.core.noise import add_noise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,16 +75,6 @@ def sgd(learning_rate: float) -> optax.GradientTransformation:
     if math.isnan(lr) or lr < 0 or math.isinf(lr):
         raise ValueError(f"learning rate must be a finite number >= 0, got {learning_rate}")
     return optax.sgd(lr)
-
-
-def add_noise(grad_sum: PyTree, key: jax.Array, noise_std: float) -> PyTree:
-    """``grad_sum`` plus N(0, noise_std²) on every coordinate, one key per leaf."""
-    if noise_std == 0:
-        return grad_sum
-    leaves, treedef = jax.tree.flatten(grad_sum)
-    keys = jax.random.split(key, len(leaves))
-    noised = [g + noise_std * jax.random.normal(k, g.shape, g.dtype) for k, g in zip(keys, leaves)]
-    return jax.tree.unflatten(treedef, noised)
 
 
 class Step:

@@ -61,6 +61,9 @@ class Engine:
       ghost: None for the paper's engines; for ``ghost``, how the clipped sum is formed once
         the norms are known: ``bookkeeping`` (from the stored layer inputs and output
         gradients, in one pass) or ``two_pass`` (a second backward pass of Σ c_i ℓ_i).
+      fallback: for ``ghost``, what happens to parameters no rule covers exactly (an unknown
+        layer, tied weights): ``error`` (refused, naming them; the default) or ``materialise``
+        (their per-example gradients, in the same backward pass, joined exactly with the rules).
     """
 
     name: str
@@ -68,6 +71,7 @@ class Engine:
     vectorized: bool
     loop: str = "dispatch"
     ghost: str | None = None
+    fallback: str = "error"
 
     def __post_init__(self) -> None:
         if self.loop not in LOOPS:
@@ -75,6 +79,9 @@ class Engine:
         if self.ghost is not None and self.ghost not in GHOST_MODES:
             raise ValueError(f"unknown ghost mode {self.ghost!r}; valid modes: "
                              f"{', '.join(GHOST_MODES)}")
+        if self.fallback not in clipping.FALLBACKS:
+            raise ValueError(f"unknown ghost fallback {self.fallback!r}; valid: "
+                             f"{', '.join(clipping.FALLBACKS)}")
 
     @property
     def uses_loop(self) -> bool:
@@ -103,9 +110,10 @@ ABLATION_ENGINES: tuple[str, ...] = ("both", "jit", "vmap", "none")
 
 
 def get_engine(engine: Engine | str, loop: str | None = None,
-               mode: str | None = None) -> Engine:
+               mode: str | None = None, fallback: str | None = None) -> Engine:
     """Resolve an engine name (or pass an ``Engine`` through), optionally setting its loop
-    (``jit``) or mode (``ghost``: ``bookkeeping`` or ``two_pass``).
+    (``jit``), mode (``ghost``: ``bookkeeping`` or ``two_pass``) or fallback (``ghost``:
+    ``error`` or ``materialise``).
 
     Raises:
       ValueError: unknown engine name, loop or mode; the message lists the valid names.
@@ -120,6 +128,8 @@ def get_engine(engine: Engine | str, loop: str | None = None,
         engine = engine.with_loop(loop)
     if mode is not None and engine.ghost is not None:
         engine = dataclasses.replace(engine, ghost=mode)
+    if fallback is not None and engine.ghost is not None:
+        engine = dataclasses.replace(engine, fallback=fallback)
     return engine
 
 
@@ -256,10 +266,11 @@ def batched_sum(loss_fn: LossFn, params: PyTree, x: jax.Array, y: jax.Array,
 
 def ghost_sum(loss_fn: LossFn, params: PyTree, x: jax.Array, y: jax.Array,
               clip_norm: float | jax.Array, mask: jax.Array | None = None,
-              mode: str = "bookkeeping") -> PyTree:
+              mode: str = "bookkeeping", fallback: str = "error") -> PyTree:
     """The ghost engine's clipped sum: per-layer norm rules, no per-example gradients
     (:func:`ablation.core.clipping.ghost_clipped_sum`)."""
-    return clipping.ghost_clipped_sum(loss_fn, params, x, y, clip_norm, mask, mode=mode)
+    return clipping.ghost_clipped_sum(loss_fn, params, x, y, clip_norm, mask, mode=mode,
+                                      fallback=fallback)
 
 
 def unrolled_sum(loss_fn: LossFn, params: PyTree, x: jax.Array, y: jax.Array,
@@ -307,7 +318,8 @@ def traced_sum_strategy(engine: Engine, private: bool = True) -> Callable[..., P
     engine runs the same loop as its private step without clipping (``clip_norm=None``).
     """
     if engine.ghost is not None:
-        return functools.partial(ghost_sum, mode=engine.ghost) if private else batched_sum
+        return (functools.partial(ghost_sum, mode=engine.ghost, fallback=engine.fallback)
+                if private else batched_sum)
     if engine.vectorized:
         return vmap_sum if private else batched_sum
     if not engine.jit:

@@ -13,15 +13,16 @@ other engine differentiates) with every parameterised layer reporting three thin
 The ghost engine ``vmap``s that pass over the examples, so examples cannot interact (a network
 that mixes the rows of its batch sees a batch of one, exactly as under ``both``).
 
-Stock Haiku layers (exactly ``hk.Linear``, ``hk.Conv2D``, ``hk.Embed``; a subclass only once
+Stock Haiku layers (exactly ``hk.Linear``, ``hk.Conv1D/2D/3D`` and ``hk.ConvND``, ``hk.Embed``,
+``hk.LayerNorm``, ``hk.RMSNorm``; a subclass only once
 :func:`register_equivalent` says it computes what its base computes) are tapped by method
 interception, so any network built from them is tapped without changing it. Each tapped call
-runs inside a named *region*; :func:`check_parameter_uses` then reads the traced program and
-refuses a parameter consumed anywhere but inside its own layer's region (tied weights, a second
-use through ``params_dict()``, a custom getter's transform). A layer the interceptor cannot see
-(the lstm's gate projection, whose recurrent half runs inside a scan) opens its region with
-:func:`tap_region` and calls :func:`tap_output` and :func:`tap_input` itself; all three do
-nothing outside a tapped pass. Parameter trees are never changed.
+runs inside a named *region*; :func:`parameter_violations` then reads the traced program and
+finds every parameter consumed anywhere but inside its own layer's region (tied weights, a
+second use through ``params_dict()``): refused, unless the fallback materialises it. A layer the
+interceptor cannot see (the lstm's gate projection, whose recurrent half runs inside a scan)
+opens its region with :func:`tap_region` and calls :func:`tap_output` and :func:`tap_input`
+itself; all three do nothing outside a tapped pass. Parameter trees are never changed.
 """
 
 from __future__ import annotations
@@ -56,12 +57,14 @@ class LayerTap:
     """What the rules need to know of one layer besides its arrays (static, not traced).
 
     Attributes:
-      kind: ``dense`` (a linear map over the last axis, any positions before it), ``conv2d``
-        or ``embed``.
+      kind: ``dense`` (a linear map over the last axis, any positions before it), ``conv``
+        (1-, 2- or 3-D, channels last), ``embed`` or ``norm_affine`` (the scale and offset of a
+        layer or RMS norm).
       apply: the layer as a function of its parameters (see the module docstring).
       params: the parameter names of the layer's scope that ``apply`` consumes.
-      options: what the kind's rule needs besides arrays: for ``conv2d`` the kernel shape,
-        strides, padding and dilations, for ``embed`` the ``vocab_size``.
+      options: what the kind's rule needs besides arrays: for ``conv`` the kernel shape,
+        strides, padding and dilations, for ``embed`` the ``vocab_size``, for ``norm_affine``
+        the normalisation's axes and epsilon.
     """
 
     kind: str
@@ -103,8 +106,8 @@ class Recorder:
     def perturb(self, scope: str, output: jax.Array) -> jax.Array:
         self.check_context(scope)
         self.outputs[scope] = jax.ShapeDtypeStruct(output.shape, output.dtype)
-        if self.perturbations is None:
-            return output
+        if self.perturbations is None or scope not in self.perturbations:
+            return output  # recording only, or a layer whose gradient is materialised instead
         return output + self.perturbations[scope]
 
     @contextlib.contextmanager
@@ -183,10 +186,12 @@ def embed_apply(params: Mapping[str, jax.Array], ids: jax.Array) -> jax.Array:
     return jnp.asarray(params["embeddings"])[(ids,)]
 
 
-def _conv_tap(module: hk.Conv2D) -> LayerTap:
+def _conv_tap(module: hk.ConvND) -> LayerTap:
+    """hk.ConvND and its stock 1-, 2- and 3-D forms, channels last."""
     if module.mask is not None or module.channel_index != -1:
         raise GhostUnsupported(f"ghost: conv layer {module.module_name!r} is masked or "
-                               "channels-first; the conv rule covers unmasked NHWC convolutions")
+                               "channels-first; the conv rule covers unmasked channels-last "
+                               "convolutions")
     if module.feature_group_count != 1:
         raise GhostUnsupported(f"ghost: conv layer {module.module_name!r} is grouped; the conv "
                                "rule covers ungrouped convolutions")
@@ -202,8 +207,22 @@ def _conv_tap(module: hk.Conv2D) -> LayerTap:
     names = ("w", "b") if module.with_bias else ("w",)
     patches = dict(filter_shape=tuple(module.kernel_shape), window_strides=conv["window_strides"],
                    padding=module.padding, lhs_dilation=conv["lhs_dilation"],
-                   rhs_dilation=conv["rhs_dilation"])
-    return LayerTap("conv2d", apply, names, patches)
+                   rhs_dilation=conv["rhs_dilation"], spatial_dims=module.num_spatial_dims)
+    return LayerTap("conv", apply, names, patches)
+
+
+def _norm_affine_apply(params: Mapping[str, jax.Array], normalized: jax.Array) -> jax.Array:
+    out = normalized * params["scale"] if "scale" in params else normalized
+    return out + params["offset"] if "offset" in params else out
+
+
+def _norm_tap(module: hk.Module, rms: bool) -> LayerTap:
+    """hk.LayerNorm and hk.RMSNorm: ``scale ⊙ x̂ + offset`` of the normalised input x̂."""
+    names = tuple(n for n, made in (("scale", module.create_scale),
+                                    ("offset", getattr(module, "create_offset", False))) if made)
+    options = {"rms": rms, "axis": module.axis, "param_axis": module.param_axis,
+               "eps": module.eps, "fast_variance": getattr(module, "use_fast_variance", False)}
+    return LayerTap("norm_affine", _norm_affine_apply, names, options)
 
 
 def _linear_tap(module: hk.Linear) -> LayerTap:
@@ -221,7 +240,9 @@ def _embed_tap(module: hk.Embed) -> LayerTap:
 #: Exact module types the interceptor taps, and how. A subclass of one of these may compute
 #: something else (an overridden ``__call__``); it is refused unless registered as equivalent.
 _STOCK: dict[type, Callable[[Any], LayerTap]] = {
-    hk.Linear: _linear_tap, hk.Conv2D: _conv_tap, hk.Embed: _embed_tap}
+    hk.Linear: _linear_tap, hk.Embed: _embed_tap,
+    hk.ConvND: _conv_tap, hk.Conv1D: _conv_tap, hk.Conv2D: _conv_tap, hk.Conv3D: _conv_tap,
+    hk.LayerNorm: lambda m: _norm_tap(m, rms=False), hk.RMSNorm: lambda m: _norm_tap(m, rms=True)}
 _EQUIVALENT: dict[type, type] = {}
 
 
@@ -265,9 +286,13 @@ def _intercept(recorder: Recorder):
             return next_fun(*args, **kwargs)
         scope = context.module.module_name
         inputs = args[0] if args else kwargs.get("inputs", kwargs.get("ids"))
-        if tap.kind == "conv2d" and jnp.ndim(inputs) != 4:
+        if tap.kind == "conv" and jnp.ndim(inputs) != tap.options["spatial_dims"] + 2:
             raise GhostUnsupported(f"ghost: conv layer {scope!r} got an input of shape "
-                                   f"{jnp.shape(inputs)}; the conv rule needs [N, H, W, C]")
+                                   f"{jnp.shape(inputs)}; the conv rule needs [N, *spatial, C]")
+        if tap.kind == "norm_affine" and (len(args) > 1 or kwargs.get("scale") is not None
+                                          or kwargs.get("offset") is not None):
+            raise GhostUnsupported(f"ghost: norm layer {scope!r} is given its scale or offset "
+                                   "at call time; the rule covers its own parameters")
         with recorder.region(scope):
             output = next_fun(*args, **kwargs)
         recorder.record(scope, tap, inputs)
@@ -297,26 +322,25 @@ def _region_of(eqn: Any, regions: list[str]) -> str | None:
     return regions[int(found[-1])] if found else None
 
 
-def check_parameter_uses(closed_jaxpr: Any, param_paths: list[tuple[str, str]],
-                         regions: list[str]) -> None:
-    """Refuse any parameter that the traced per-example loss consumes outside its own layer.
+def parameter_violations(closed_jaxpr: Any, param_paths: list[tuple[str, str] | None],
+                         regions: list[str]) -> dict[str, str]:
+    """``{scope: why}`` for every parameter the traced per-example loss consumes outside its
+    own layer's region (tied weights, another layer's ``params_dict()``, a transform applied
+    before the call).
 
     ``closed_jaxpr`` is the traced pass, whose first ``len(param_paths)`` inputs are the
-    parameter leaves named ``(scope, name)`` in ``param_paths``. The rules compute the gradient
-    of a layer's parameters through that layer's output alone; a parameter read anywhere else
-    (an embedding reused as the output projection, ``params_dict()`` of another layer, a
-    transform applied before the call) would add a gradient no rule sees, so the per-example
-    norm would be too small and the clipped example could count for more than C.
-
-    Raises:
-      GhostUnsupported: naming the parameter, its layer and where else it is used.
+    parameter leaves named ``(scope, name)`` in ``param_paths`` (None: a leaf not to check).
+    The rules compute the gradient of a layer's parameters through that layer's output alone;
+    a parameter read anywhere else would add a gradient no rule sees, so the per-example norm
+    would be too small and the clipped example could count for more than C.
     """
     jaxpr = closed_jaxpr.jaxpr
-    owner = {var: path for var, path in zip(jaxpr.invars, param_paths)}
+    owner = {var: path for var, path in zip(jaxpr.invars, param_paths) if path is not None}
+    found: dict[str, str] = {}
     for eqn in jaxpr.eqns:
         for var in eqn.invars:
             path = owner.get(var) if isinstance(var, jax_core.Var) else None
-            if path is None:
+            if path is None or path[0] in found:
                 continue
             scope, name = path
             region = _region_of(eqn, regions)
@@ -324,10 +348,11 @@ def check_parameter_uses(closed_jaxpr: Any, param_paths: list[tuple[str, str]],
                 where = (f"inside layer {region!r}" if region is not None else
                          f"outside any tapped layer ({eqn.primitive.name} at "
                          f"{str(eqn.source_info.name_stack) or 'the top level'})")
-                raise GhostUnsupported(
-                    f"ghost: parameter {scope}/{name} is used by its layer {scope!r} and also "
-                    f"{where}: tied or reused weights get a gradient from both uses, which no "
-                    "layer rule adds up; untie the weights, or use another engine")
+                found[scope] = (f"ghost: parameter {scope}/{name} is used by its layer {scope!r} "
+                                f"and also {where}: tied or reused weights get a gradient from "
+                                "both uses, which no layer rule adds up; untie the weights, use "
+                                "engine.fallback=materialise, or another engine")
+    return found
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import numpy as np
 
 from models import DatasetSpec
 
-SOURCES = ("synthetic", "real")
+SOURCES = ("synthetic", "real", "arrays")
 
 
 class TrainingSet(NamedTuple):
@@ -85,10 +85,12 @@ def _random_data(key: jax.Array, shape: tuple[int, ...], dtype: str, vocab_size:
 
 
 def load_training_set(spec: DatasetSpec, source: str, *, key: jax.Array, limit: int | None = None,
-                      cache_dir: str | None = None, download: bool = True) -> TrainingSet:
+                      cache_dir: str | None = None, download: bool = True,
+                      path: str | None = None) -> TrainingSet:
     """The training set for ``spec`` on the device, optionally only its first ``limit`` rows.
 
-    ``key`` draws synthetic data (real data ignores it).
+    ``key`` draws synthetic data (real data ignores it); ``path`` is the ``.npz`` file of
+    ``source="arrays"`` (:mod:`ablation.data.arrays`).
     """
     if source not in SOURCES:
         raise ValueError(f"unknown data source {source!r}; valid: {', '.join(SOURCES)}")
@@ -97,9 +99,12 @@ def load_training_set(spec: DatasetSpec, source: str, *, key: jax.Array, limit: 
     if source == "synthetic":
         n = spec.n_train if limit is None else min(limit, spec.n_train)
         return synthetic(spec, key, n)
-    from ablation.data import datasets  # real files: only imported when asked for
-
-    x, y = datasets.load(spec.name, cache_dir=cache_dir, download=download)
+    if source == "arrays":
+        from ablation.data.arrays import load_arrays
+        x, y = load_arrays(path, spec)
+    else:
+        from ablation.data import datasets  # real files: only imported when asked for
+        x, y = datasets.load(spec.name, cache_dir=cache_dir, download=download)
     if limit is not None:
         x, y = x[:limit], y[:limit]
     return TrainingSet(jax.device_put(x), jax.device_put(y))

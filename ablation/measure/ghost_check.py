@@ -25,8 +25,8 @@ from ablation.core.clipping import (GRAM_TOLERANCE, ghost_clipped_sum, layer_rul
                                     per_example_sq_norms)
 from ablation.core.engines import get_engine
 from ablation.data.samplers import ShuffleSampler, load_training_set, run_keys
-from ablation.measure.settings import CellConfig
-from models import count_params, get_model
+from ablation.measure.settings import CellConfig, model_of
+from models import count_params
 
 #: Below this, a norm ratio is float32 rounding (per-example norms agree to ~1e-6 here).
 NORM_RTOL = 1e-5
@@ -103,16 +103,19 @@ def check_ghost(cell: CellConfig, batches: int = 3) -> GhostCheck:
     Raises:
       GhostUnsupported: the model has a layer the rules cannot clip exactly (names it).
     """
-    model = get_model(cell.model, unroll=cell.unroll, pool=cell.pool)
+    model = model_of(cell)
     keys = run_keys(cell.seed)
     params = model.init(keys.init)
     data = load_training_set(model.dataset, cell.data, key=keys.data, limit=cell.data_limit,
-                             cache_dir=cell.data_cache_dir, download=cell.download)
+                             cache_dir=cell.data_cache_dir, download=cell.download,
+                             path=cell.data_path)
     sampler = ShuffleSampler(data, min(cell.batch_size, data.size), keys.sampler)
     mode = get_engine("ghost", mode=cell.engine_mode or "bookkeeping").ghost
-    rules = layer_rules(model.loss, params, data.x[0], data.y[0])
-    norms_fn = jax.jit(lambda p, x, y: per_example_sq_norms(model.loss, p, x, y))
-    sum_fn = jax.jit(lambda p, x, y, c: ghost_clipped_sum(model.loss, p, x, y, c, mode=mode))
+    fallback = cell.ghost_fallback
+    rules = layer_rules(model.loss, params, data.x[0], data.y[0], fallback)
+    norms_fn = jax.jit(lambda p, x, y: per_example_sq_norms(model.loss, p, x, y, fallback))
+    sum_fn = jax.jit(lambda p, x, y, c: ghost_clipped_sum(model.loss, p, x, y, c, mode=mode,
+                                                          fallback=fallback))
     grads_fn = _materialised(model.loss)
     ratios, errors, clipped = [], {}, {}
     for i in range(batches):

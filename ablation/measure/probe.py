@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 
-from ablation.measure.settings import CellConfig, ProbeSettings
+from ablation.measure.settings import CellConfig, ProbeSettings, model_of
 
 #: The CPU safety net: at most this much growth of the data segment during a try.
 SAFETY_FACTOR, SAFETY_MIN_EXTRA = 2, 1 << 30
@@ -282,17 +282,16 @@ def try_batch(cell: CellConfig, noise_multiplier: float, batch_size: int, *,
     from ablation.core.dpsgd import DPConfig, make_step, sgd
     from ablation.core.engines import get_engine
     from ablation.data.samplers import run_keys, synthetic
-    from models import get_model
 
     start = time.perf_counter()
     jax.block_until_ready(jax.jit(lambda v: v + 1)(jnp.zeros(1)))  # start the runtime
     device = jax.devices()[0]
     on_cpu = device.platform == "cpu"
-    model = get_model(cell.model, unroll=cell.unroll, pool=cell.pool)
+    model = model_of(cell)
     spec = model.dataset
     rows = rows_of(cell, batch_size, n_train or spec.n_train)
     poisson = rows != batch_size or cell.dp.sampling == "poisson"
-    engine = get_engine(cell.engine, cell.loop, cell.engine_mode)
+    engine = get_engine(cell.engine, cell.loop, cell.engine_mode, cell.ghost_fallback)
     optimizer = sgd(cell.lr)
     dp = DPConfig(cell.dp.clip_norm, noise_multiplier) if cell.private else None
     step = make_step(engine, model.loss, optimizer, dp, donate=True,

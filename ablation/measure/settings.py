@@ -72,11 +72,15 @@ class CellConfig:
     model: str = "ffnn"
     unroll: str = "dynamic"  # lstm: dynamic (lax.scan) | static (the paper's unroll)
     pool: str = "fast"  # cnn: fast (custom-VJP max-pool) | xla (hk.MaxPool, the paper's)
+    factory: str | None = None  # model=custom: MODULE:FUNCTION returning an ablation.Model
+    model_kwargs: str = "{}"  # model=custom: the factory's keyword arguments (JSON)
+    ghost_fallback: str = "error"  # ghost: error | materialise (parameters no rule covers)
     steps_per_call: int = 1  # compiled engines: DP-SGD steps per compiled call
     devices: int = 1  # both/ghost: the batch split over this many devices (data parallel)
     xla: bool = False  # tfp: compile the Keras step with XLA (jit_compile)
     microbatch_size: int = 16  # jax_privacy, engine.mode=microbatch: examples per micro-batch
     data: str = "synthetic"
+    data_path: str | None = None  # data=arrays: the .npz file
     data_limit: int | None = None
     data_cache_dir: str | None = None
     download: bool = True
@@ -95,6 +99,27 @@ class CellConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def model_of(cell: CellConfig) -> Any:
+    """The :class:`models.Model` a cell runs: a registered one (with its options), or the one
+    ``model.factory`` returns for ``model=custom``."""
+    if cell.model == "custom":
+        from models.custom import load_factory
+        return load_factory(cell.factory, cell.model_kwargs)
+    from models import get_model
+    return get_model(cell.model, unroll=cell.unroll, pool=cell.pool)
+
+
+def training_size(cell: CellConfig) -> int:
+    """Examples the cell trains on: the dataset's (the file's for ``data=arrays``), or
+    ``data.limit`` when smaller."""
+    if cell.data == "arrays":
+        from ablation.data.arrays import array_rows
+        n = array_rows(cell.data_path)
+    else:
+        n = model_of(cell).dataset.n_train
+    return n if cell.data_limit is None else min(n, cell.data_limit)
 
 
 def cell_from_plain(d: Mapping[str, Any]) -> CellConfig:

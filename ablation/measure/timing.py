@@ -37,8 +37,8 @@ from ablation.core.engines import get_engine
 from ablation.data.samplers import (Batch, PoissonSampler, ShuffleSampler, load_training_set,
                                     poisson_capacity, run_keys)
 from ablation.measure.clock import PreparedClock, run_timing_loop
-from ablation.measure.settings import CellConfig
-from models import Model, count_params, get_model
+from ablation.measure.settings import CellConfig, model_of
+from models import Model, count_params
 
 EVAL_EXAMPLES = 1024
 
@@ -123,7 +123,7 @@ def build_step(cell: CellConfig, model: Model, noise_multiplier: float, *,
     dp = DPConfig(cell.dp.clip_norm, noise_multiplier) if cell.private else None
     poisson = cell.dp.sampling == "poisson"
     resolved = get_engine(engine or cell.engine, cell.loop,
-                          None if engine else cell.engine_mode)
+                          None if engine else cell.engine_mode, cell.ghost_fallback)
     step = make_step(resolved, model.loss, optimizer, dp, donate=True,
                      expected_batch_size=cell.batch_size if poisson else None,
                      steps_per_call=cell.steps_per_call, devices=cell.devices,
@@ -139,10 +139,11 @@ def time_cell(cell: CellConfig, noise_multiplier: float, *, clipped_sum: Callabl
     A reference row of another JAX library passes its ``clipped_sum`` and the ``engine`` whose
     compiled step it runs in (see :func:`ablation.core.dpsgd.make_step`).
     """
-    model = get_model(cell.model, unroll=cell.unroll, pool=cell.pool)
+    model = model_of(cell)
     keys = run_keys(cell.seed)
     data = load_training_set(model.dataset, cell.data, key=keys.data, limit=cell.data_limit,
-                             cache_dir=cell.data_cache_dir, download=cell.download)
+                             cache_dir=cell.data_cache_dir, download=cell.download,
+                             path=cell.data_path)
     sampler = build_sampler(cell, data, keys.sampler)
     step, optimizer = build_step(cell, model, noise_multiplier, clipped_sum=clipped_sum,
                                  engine=engine)
@@ -183,13 +184,17 @@ def time_cell(cell: CellConfig, noise_multiplier: float, *, clipped_sum: Callabl
     )
     if isinstance(sampler, PoissonSampler):
         fields.update(sampler.stats())
+    if step.engine.ghost is not None and cell.private:  # how each layer was clipped
+        from ablation.core.clipping import layer_rules
+        fields["ghost_rules"] = layer_rules(model.loss, params, data.x[0], data.y[0],
+                                            cell.ghost_fallback)
     return fields
 
 
 def noise_seconds(params, key: jax.Array, noise_multiplier: float, calls: int = 20) -> float:
     """Seconds per step that drawing the Gaussian noise alone takes (compiled, back to back):
     the part of a private step no clipping method can remove."""
-    from ablation.core.dpsgd import add_noise
+    from ablation.core.noise import add_noise
     draw = jax.jit(lambda p, k, i: add_noise(p, jax.random.fold_in(k, i), noise_multiplier))
     jax.block_until_ready(draw(params, key, 0))
     start = time.perf_counter()

@@ -1,6 +1,7 @@
 """Reference rows: TensorFlow Privacy's DP-Keras SGD, the paper's four TensorFlow rows.
 
-``engine=tfp`` trains Keras twins of the paper's six models with
+``engine=tfp`` trains Keras twins of the paper's six models (and of the transformer and the
+vit) with
 ``VectorizedDPKerasSGDOptimizer`` (``engine.mode=vectorized``, default) or
 ``DPKerasSGDOptimizer`` (``engine.mode=loop``: per-example gradients in a loop), with XLA
 (``engine.xla=true``: ``jit_compile``) or without: the paper's TF2 rows. Clipping to the global
@@ -78,7 +79,79 @@ def build(name: str) -> keras.Model:
         stack += [layers.Conv2D(256, 3, padding="same", activation="relu"),
                   layers.Conv2D(10, 3, padding="same"), layers.GlobalAveragePooling2D()]
         return seq((32, 32, 3), *stack)
+    if name in ENCODERS:
+        return _encoder(name)
     raise ValueError(f"unknown model {name!r}")
+
+
+#: models.attention's sizes (this environment has no JAX to import them from): width, blocks,
+#: heads, the position table's rows, the classes; the vit's 4×4 patches.
+ENCODERS = {"transformer": dict(width=64, blocks=1, heads=2, positions=256, classes=2),
+            "vit": dict(width=64, blocks=2, heads=4, positions=64, classes=10, patch=4)}
+
+
+class PositionEmbedding(layers.Layer):
+    """``h + table[:T]``: Haiku's ``hk.Embed(positions, width)(arange(T))`` added to the input."""
+
+    def __init__(self, positions: int, width: int, **kwargs):
+        super().__init__(**kwargs)
+        self.shape_ = (positions, width)
+
+    def build(self, input_shape):  # here the weight is named under the layer
+        self.table = self.add_weight(name="embeddings", shape=self.shape_,
+                                     initializer="random_normal")
+
+    def call(self, h):
+        return h + self.table[None, :tf.shape(h)[1]]
+
+
+def _gelu(x):
+    return tf.nn.gelu(x, approximate=True)  # jax.nn.gelu's default
+
+
+def _encoder(name: str) -> keras.Model:
+    """models.attention's transformer or vit in Keras. Layers are named after the Haiku scopes
+    they twin (``block_1-attention`` for ``block_1/attention``): :func:`haiku_weights` maps
+    by those names."""
+    c = ENCODERS[name]
+    width, heads = c["width"], c["heads"]
+    if name == "transformer":
+        inputs = keras.Input((c["positions"],), dtype="int32")
+        h = layers.Embedding(VOCAB_ROWS, width, name="tokens")(inputs)
+    else:
+        inputs = keras.Input((32, 32, 3))
+        h = layers.Conv2D(width, c["patch"], strides=c["patch"], name="patches")(inputs)
+        h = layers.Reshape((c["positions"], width))(h)  # (h, w) row-major, as Haiku's reshape
+    h = PositionEmbedding(c["positions"], width, name="positions")(h)
+    for b in range(c["blocks"]):
+        block = "block" if b == 0 else f"block_{b}"
+
+        def norm(part):
+            return layers.LayerNormalization(epsilon=1e-5, name=f"{block}-{part}")
+
+        x = norm("attention_norm")(h)
+        h = h + layers.MultiHeadAttention(heads, width // heads, name=f"{block}-attention")(x, x)
+        x = norm("mlp_norm")(h)
+        x = layers.Dense(4 * width, activation=_gelu, name=f"{block}-mlp_in")(x)
+        h = h + layers.Dense(width, name=f"{block}-mlp_out")(x)
+    h = layers.LayerNormalization(epsilon=1e-5, name="final_norm")(h)
+    pooled = layers.GlobalAveragePooling1D()(h)
+    return keras.Model(inputs, layers.Dense(c["classes"], name="head")(pooled))
+
+
+_LEAVES = {"kernel": "w", "bias": "b", "gamma": "scale", "beta": "offset",
+           "embeddings": "embeddings"}
+_PROJECTIONS = {"query": "query", "key": "key", "value": "value", "attention_output": "linear"}
+
+
+def haiku_path(weight_name: str) -> tuple[str, str]:
+    """The Haiku ``(scope, leaf)`` a weight of an encoder twin holds, from its Keras name
+    (``block_1-attention/query/kernel:0`` -> ``("block_1/attention/query", "w")``)."""
+    parts = weight_name.split(":")[0].split("/")
+    scope = parts[0].replace("-", "/")
+    if len(parts) == 3:  # a projection inside the attention layer
+        scope = f"{scope}/{_PROJECTIONS[parts[1]]}"
+    return scope, _LEAVES[parts[-1]]
 
 
 def _gates(a: np.ndarray) -> np.ndarray:
@@ -91,6 +164,9 @@ def haiku_weights(name: str, params: Mapping[str, Mapping[str, np.ndarray]]) -> 
     """Haiku parameters as the twin's ``get_weights()`` list (Keras kernels are ``[in, out]``
     and HWIO, like Haiku's; the LSTM's ``[x, h]`` map splits into kernel and recurrent kernel,
     its forget-gate offset of +1 moves into the bias)."""
+    if name in ENCODERS:  # by name; the attention's kernels reshape [d, h·k] <-> [d, h, k]
+        return [np.asarray(params[scope][leaf]).reshape(tuple(w.shape))
+                for w, (scope, leaf) in ((w, haiku_path(w.name)) for w in build(name).weights)]
     if name == "lstm":
         w, b = np.asarray(params["lstm/linear"]["w"]), np.asarray(params["lstm/linear"]["b"])
         bias = _gates(b).copy()
@@ -231,6 +307,6 @@ def weight_order(name: str) -> Sequence[str]:
 
 if __name__ == "__main__":  # pragma: no cover - a smoke check inside .venv-tf
     start = time.perf_counter()
-    for model_name in ("logreg", "ffnn", "cnn", "embed", "lstm", "cifar10"):
+    for model_name in ("logreg", "ffnn", "cnn", "embed", "lstm", "cifar10", *ENCODERS):
         print(model_name, sum(int(np.prod(w.shape)) for w in build(model_name).weights))
     print(f"{time.perf_counter() - start:.1f} s")

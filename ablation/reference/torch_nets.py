@@ -95,6 +95,86 @@ class LSTMNet(nn.Module):
         return self.head(out.mean(dim=1))
 
 
+class TorchAttention(nn.Module):
+    """Multi-head self-attention as Haiku's ``hk.MultiHeadAttention`` computes it, built from
+    ``nn.Linear`` layers applied batch-first, which is what Opacus needs for per-example
+    gradients. (Opacus 1.6's ``DPMultiheadAttention`` is the same idea, but its
+    ``batch_first=True`` path reshapes the heads' outputs without moving the head axis back,
+    so it computes another function; fed time-major instead, its linear layers see the batch
+    on axis 1 and Opacus' per-example gradients come out wrong.)"""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qlinear, self.klinear, self.vlinear = (nn.Linear(width, width) for _ in range(3))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, width]
+        batch, steps, width = x.shape
+        size = width // self.heads
+
+        def split(t):  # [B, T, H·k] -> [B, H, T, k], heads contiguous as Haiku lays them
+            return t.view(batch, steps, self.heads, size).transpose(1, 2)
+
+        q, k, v = split(self.qlinear(x)), split(self.klinear(x)), split(self.vlinear(x))
+        weights = torch.softmax(q @ k.transpose(-1, -2) / size ** 0.5, dim=-1)
+        out = (weights @ v).transpose(1, 2).reshape(batch, steps, width)
+        return self.out_proj(out)
+
+
+class TorchBlock(nn.Module):
+    """models.attention.Block in PyTorch: ``h + MHA(LN(h))``, then ``h + MLP(LN(h))``, with the
+    tanh approximation of GELU that ``jax.nn.gelu`` is by default."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(width)
+        self.attention = TorchAttention(width, heads)
+        self.mlp_norm = nn.LayerNorm(width)
+        self.mlp_in = nn.Linear(width, 4 * width)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.mlp_out = nn.Linear(4 * width, width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h + self.attention(self.attention_norm(h))
+        return h + self.mlp_out(self.gelu(self.mlp_in(self.mlp_norm(h))))
+
+
+class EncoderNet(nn.Module):
+    """models.attention's transformer (tokens) or vit (images) in PyTorch."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        from models import attention
+        config = attention.TRANSFORMER if name == "transformer" else attention.VIT
+        width, self.name = config["width"], name
+        if name == "transformer":
+            self.tokens = nn.Embedding(IMDB_VOCAB_ROWS, width)
+            steps, classes = 256, 2
+        else:
+            patch = config["patch"]
+            self.to_nchw = NHWCToNCHW()
+            self.patches = nn.Conv2d(3, width, patch, stride=patch)
+            steps, classes = (32 // patch) ** 2, 10
+        # Looked up with batched positions, so that Opacus sees one row per example.
+        self.positions = nn.Embedding(steps, width)
+        self.blocks = nn.ModuleList([TorchBlock(width, config["heads"])
+                                     for _ in range(config["blocks"])])
+        self.final_norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.name == "transformer":
+            h = self.tokens(x)
+        else:
+            h = self.patches(self.to_nchw(x)).flatten(2).transpose(1, 2)  # [B, 64, width], (h, w)
+        steps = torch.arange(h.shape[1], device=h.device).repeat(h.shape[0], 1)  # contiguous
+        h = h + self.positions(steps)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.final_norm(h).mean(dim=1))
+
+
 def build(name: str, *, dp_lstm: bool = True) -> nn.Module:
     """The PyTorch twin of the JAX model ``name``.
 
@@ -128,6 +208,8 @@ def build(name: str, *, dp_lstm: bool = True) -> nn.Module:
         layers += [nn.Conv2d(128, 256, 3, padding=1), nn.ReLU(),
                    nn.Conv2d(256, 10, 3, padding=1), MeanOver((2, 3))]
         return nn.Sequential(*layers)
+    if name in ("transformer", "vit"):
+        return EncoderNet(name)
     raise ValueError(f"unknown model {name!r}")
 
 
@@ -157,6 +239,8 @@ def haiku_to_torch(name: str, tree: Mapping[str, Mapping[str, Any]], *,
     """
     groups = {key: {k: np.asarray(v, np.float64 if gradient else np.float32)
                     for k, v in group.items()} for key, group in tree.items()}
+    if name in ("transformer", "vit"):
+        return _encoder_to_torch(name, groups)
     if name == "lstm":
         lin, cell = groups["linear"], groups["lstm/linear"]
         w = _gates(cell["w"], axis=1)  # [200, 400]
@@ -175,6 +259,28 @@ def haiku_to_torch(name: str, tree: Mapping[str, Mapping[str, Any]], *,
         w = group["w"]
         out += [w.T if w.ndim == 2 else w.transpose(3, 2, 0, 1), group["b"]]
     return out
+
+
+def _encoder_to_torch(name: str, groups: Mapping[str, Mapping[str, np.ndarray]]
+                      ) -> list[np.ndarray]:
+    """The transformer's or vit's Haiku arrays in :class:`EncoderNet`'s parameter order."""
+    def linear(scope):
+        return [groups[scope]["w"].T, groups[scope]["b"]]
+
+    def norm(scope):
+        return [groups[scope]["scale"], groups[scope]["offset"]]
+
+    out = ([groups["tokens"]["embeddings"]] if name == "transformer" else
+           [groups["patches"]["w"].transpose(3, 2, 0, 1), groups["patches"]["b"]])
+    out.append(groups["positions"]["embeddings"])
+    blocks = sorted({scope.split("/")[0] for scope in groups if scope.startswith("block")},
+                    key=lambda b: int(b.partition("_")[2] or 0))
+    for block in blocks:
+        out += norm(f"{block}/attention_norm")
+        for projection in ("query", "key", "value", "linear"):
+            out += linear(f"{block}/attention/{projection}")
+        out += norm(f"{block}/mlp_norm") + linear(f"{block}/mlp_in") + linear(f"{block}/mlp_out")
+    return out + norm("final_norm") + linear("head")
 
 
 def load_haiku_params(module: nn.Module, params: Mapping[str, Mapping[str, Any]],

@@ -312,9 +312,10 @@ def compile_times(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def models_in(frame: pd.DataFrame) -> list[str]:
-    """The paper's models that ``frame`` holds, in the paper's order."""
+    """The models that ``frame`` holds: the paper's in the paper's order, then any others
+    (your own, the transformers) by name."""
     present = set(frame["model"]) if len(frame) else set()
-    return [m for m in MODEL_ORDER if m in present]
+    return [m for m in MODEL_ORDER if m in present] + sorted(present - set(MODEL_ORDER))
 
 
 def _model_key(model: str) -> int:

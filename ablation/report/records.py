@@ -241,13 +241,19 @@ def _digest(payload: Any) -> str:
 
 def record_identity(record: Mapping[str, Any]) -> str:
     """What makes two records the same measurement: the config (:func:`config_hash`), the
-    machine, the code and the framework's versions. Resume and the figures match on it."""
+    machine, the code (a custom model's module too) and the framework's versions. Resume and
+    the figures match on it."""
     kind = record.get("kind") or "timing"
     digest = record.get("config_hash") or config_hash(record.get("config") or {}, kind)
-    return _digest({"config": digest, "kind": kind,
-                    "machine": machine_identity(record.get("env") or {}, record.get("engine")),
-                    # cells timed several at a time on one machine are another measurement
-                    "concurrent_cells": record.get("concurrent_cells") or 1})
+    ident = {"config": digest, "kind": kind,
+             "machine": machine_identity(record.get("env") or {}, record.get("engine")),
+             # cells timed several at a time on one machine are another measurement
+             "concurrent_cells": record.get("concurrent_cells") or 1}
+    if record.get("model_source_sha"):  # your own model's code is part of what ran
+        ident["model_source"] = record["model_source_sha"]
+    if record.get("noise_generator"):  # how the noise was drawn
+        ident["noise"] = record["noise_generator"]
+    return _digest(ident)
 
 
 def record_family(record: Mapping[str, Any]) -> str:
@@ -390,16 +396,20 @@ def _newest_first(record: Mapping[str, Any]) -> str:
 
 def find_ok_record(root: str | os.PathLike, digest: str, kind: str,
                    machine: Mapping[str, Any] | None = None,
-                   concurrent_cells: int = 1) -> Path | None:
-    """The newest ok record of kind ``kind``, config hash ``digest`` and (when given) this
-    ``machine`` identity (:func:`machine_identity`) under ``root``, outside committed
-    ``reference`` folders (see :func:`iter_records`); None if there is none."""
+                   concurrent_cells: int = 1, model_source: str | None = None,
+                   noise_generator: str | None = None) -> Path | None:
+    """The newest ok record of kind ``kind``, config hash ``digest``, (when given) this
+    ``machine`` identity (:func:`machine_identity`), the same custom model source and noise
+    generator under ``root``, outside committed ``reference`` folders (see :func:`iter_records`); None if
+    there is none."""
     if not Path(root).exists():
         return None
     found = [(path, record) for path, record in iter_records(root, skip_reference=True)
              if record.get("config_hash") == digest and record.get("status") == "ok"
              and record.get("kind") == kind
              and (record.get("concurrent_cells") or 1) == concurrent_cells
+             and record.get("model_source_sha") == model_source
+             and record.get("noise_generator") == noise_generator
              and (machine is None or machine_identity(record.get("env") or {},
                                                        record.get("engine")) == dict(machine))]
     if not found:

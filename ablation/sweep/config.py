@@ -13,6 +13,7 @@ import difflib
 import math
 from typing import Any, Mapping
 
+from ablation.core.clipping import FALLBACKS
 from ablation.core.engines import ENGINES, LOOPS, MIN_CLIP_NORM
 from ablation.core.privacy import ACCOUNTANTS, SAMPLINGS
 from ablation.data.samplers import SOURCES
@@ -29,9 +30,10 @@ class ConfigError(ValueError):
 
 #: Every key the toolkit reads; anything else (a typo, a stray ``+key=``) is refused.
 KNOWN_KEYS: dict[str, frozenset[str] | None] = {
-    "engine": frozenset({"name", "loop", "mode", "devices", "xla", "microbatch_size"}),
-    "model": frozenset({"name", "unroll", "pool"}),
-    "data": frozenset({"source", "limit", "cache_dir", "download"}),
+    "engine": frozenset({"name", "loop", "mode", "fallback", "devices", "xla",
+                         "microbatch_size"}),
+    "model": frozenset({"name", "unroll", "pool", "factory", "kwargs"}),
+    "data": frozenset({"source", "limit", "cache_dir", "download", "path"}),
     "dp": frozenset(f.name for f in dataclasses.fields(PrivacyConfig)),
     "optim": frozenset({"lr"}),
     "train": frozenset({"steps_per_call"}),
@@ -128,6 +130,11 @@ def cell_from_dict(cfg: Mapping[str, Any]) -> CellConfig:
         raise ConfigError(f"engine.xla applies to engine=tfp only, not engine={engine_name}")
     if (engine.get("loop") or "dispatch") != "dispatch" and engine_name != "jit":
         raise ConfigError(f"engine.loop applies to engine=jit only, not engine={engine_name}")
+    fallback = engine.get("fallback") or "error"
+    if fallback != "error" and engine_name != "ghost":
+        raise ConfigError(f"engine.fallback applies to engine=ghost only, not "
+                          f"engine={engine_name}")
+    fallback = _choice(fallback, "engine.fallback", FALLBACKS)
     devices = _int(engine.get("devices", 1) or 1, "engine.devices", minimum=1)
     if devices > 1 and engine_name not in ("both", "ghost"):
         raise ConfigError(f"engine.devices={devices} needs engine=both or ghost (a compiled, "
@@ -182,19 +189,28 @@ def cell_from_dict(cfg: Mapping[str, Any]) -> CellConfig:
                               "dp.sampling=poisson runs the JAX engines (and jax_privacy) only")
     limit = data.get("limit")
     _bool(_get(cfg, "resume", False), "resume")  # read by the entry points, checked here
+    factory, model_kwargs = _factory(model)
+    source = _choice(data.get("source", "synthetic"), "data", SOURCES)
+    data_path = data.get("path")
+    if source != "arrays" and data_path is not None:
+        raise ConfigError(f"data.path applies to data=arrays only, not data={source}")
     cell = CellConfig(
         engine=engine_name,
         loop=_choice(engine.get("loop", "dispatch") or "dispatch", "engine.loop", LOOPS),
         engine_mode=mode,
-        model=_choice(model.get("name", "ffnn"), "model", MODEL_NAMES),
+        model=_choice(model.get("name", "ffnn"), "model", (*MODEL_NAMES, "custom")),
         unroll=_choice(model.get("unroll", "dynamic") or "dynamic", "model.unroll", UNROLLS),
         pool=_choice(model.get("pool", "fast") or "fast", "model.pool", POOLS),
+        factory=factory,
+        model_kwargs=model_kwargs,
+        ghost_fallback=fallback,
         steps_per_call=steps_per_call,
         devices=devices,
         xla=_bool(engine.get("xla", False) or False, "engine.xla"),
         microbatch_size=_int(engine.get("microbatch_size", 16) or 16, "engine.microbatch_size",
                              minimum=1),
-        data=_choice(data.get("source", "synthetic"), "data", SOURCES),
+        data=source,
+        data_path=None if data_path is None else str(data_path),
         data_limit=None if limit is None else _int(limit, "data.limit", minimum=1),
         data_cache_dir=data.get("cache_dir"),
         download=_bool(data.get("download", True), "data.download"),
@@ -206,19 +222,58 @@ def cell_from_dict(cfg: Mapping[str, Any]) -> CellConfig:
         dp=dp_cfg,
         timing=timing_cfg,
     )
-    _check_batch(cell)
+    model_obj = _model_or_error(cell)
+    if cell.data == "arrays":
+        from ablation.data.arrays import ArraysError, check_file
+        try:
+            check_file(cell.data_path, model_obj.dataset)
+        except ArraysError as error:
+            raise ConfigError(str(error)) from None
+    _check_batch(cell, model_obj)
     return cell
 
 
-def _check_batch(cell: CellConfig) -> None:
+def _factory(model: Mapping[str, Any]) -> tuple[str | None, str]:
+    """``model.factory`` and ``model.kwargs`` (as sorted JSON), only with ``model=custom``."""
+    import json
+    factory, kwargs = model.get("factory"), model.get("kwargs") or {}
+    if model.get("name") != "custom":
+        if factory is not None or kwargs:
+            raise ConfigError(f"model.factory and model.kwargs apply to model=custom only, not "
+                              f"model={model.get('name')}")
+        return None, "{}"
+    if not factory:
+        raise ConfigError("model=custom needs model.factory=MODULE:FUNCTION (a function "
+                          "returning an ablation.Model)")
+    if not isinstance(kwargs, Mapping):
+        raise ConfigError(f"model.kwargs must be a mapping ({{key: value, ...}}), got {kwargs!r}")
+    try:
+        return str(factory), json.dumps(dict(kwargs), sort_keys=True)
+    except TypeError as error:
+        raise ConfigError(f"model.kwargs must hold plain values: {error}") from None
+
+
+def _model_or_error(cell: CellConfig):
+    """The cell's model (a custom factory loaded and checked), or one line naming why not."""
+    from ablation.measure.settings import model_of
+    from models.custom import ModelError
+    try:
+        return model_of(cell)
+    except ModelError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _check_batch(cell: CellConfig, model) -> None:
     """The batch fits the training set and, fixed-size, divides over the devices: found here,
     before any cell runs, rather than inside a worker."""
-    from models import get_model
-    n_train = get_model(cell.model).dataset.n_train
-    n = n_train if cell.data_limit is None else min(cell.data_limit, n_train)
+    from ablation.measure.settings import training_size
+    n_train = training_size(dataclasses.replace(cell, data_limit=None))
+    n = training_size(cell)
+    source = (f"data.path={cell.data_path}" if cell.data == "arrays"
+              else f"of {model.dataset.name}")
     where = f"the training set ({n:,} examples" + (
         f", data.limit={cell.data_limit:,})" if cell.data_limit is not None and
-        cell.data_limit < n_train else f" of {get_model(cell.model).dataset.name})")
+        cell.data_limit < n_train else f" {source})")
     if cell.batch_size > n:
         raise ConfigError(f"batch_size={cell.batch_size:,} exceeds {where}: at most {n:,}")
     if cell.dp.sampling == "poisson" and cell.private and cell.batch_size >= n:

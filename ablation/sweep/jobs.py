@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import tempfile
@@ -17,9 +18,10 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from ablation.core.noise import GENERATOR as NOISE_GENERATOR
 from ablation.core.privacy import PrivacyReport, privacy_report
 from ablation.data.samplers import poisson_capacity
-from ablation.measure.settings import REFERENCE_ENGINES, CellConfig
+from ablation.measure.settings import REFERENCE_ENGINES, CellConfig, model_of, training_size
 from ablation.report.labels import engine_label, model_label
 from ablation.report.records import (REPO_ROOT, RESULT_FILE, SCHEMA, SKIPPED_FILE, config_hash,
                                      environment, find_ok_record, machine_identity, now_iso,
@@ -27,7 +29,10 @@ from ablation.report.records import (REPO_ROOT, RESULT_FILE, SCHEMA, SKIPPED_FIL
 from ablation.sweep.failures import CRASH
 from ablation.sweep.folders import holding
 from ablation.sweep.launch import Terminated, run_worker
-from models import get_model
+from models.custom import source_digest
+
+#: Rows whose framework draws its own noise (PyTorch's or TensorFlow's generator).
+TORCH_OR_TF_ENGINES = ("opacus", "backpack", "pyvacy", "tfp")
 
 #: Measurement fields every timing record has (null until measured).
 MEASUREMENT_FIELDS = (
@@ -35,13 +40,8 @@ MEASUREMENT_FIELDS = (
     "median_step_s", "iqr_step_s", "throughput_step_s", "throughput_steps",
     "throughput_bursts_s", "epoch_times_s", "first_epoch_s", "median_epoch_s",
     "epoch_estimated", "steps_timed", "steps_run", "inputs_reused", "noise_step_s", "n_compiles",
-    "compiled_functions", "loss_start", "loss_end", "test_accuracy", "device_peak_bytes")
-
-
-def training_size(cell: CellConfig) -> int:
-    """Examples the cell trains on (the dataset's size, or ``data.limit`` when smaller)."""
-    n = get_model(cell.model).dataset.n_train
-    return n if cell.data_limit is None else min(n, cell.data_limit)
+    "compiled_functions", "loss_start", "loss_end", "test_accuracy", "device_peak_bytes",
+    "ghost_rules")
 
 
 @functools.lru_cache(maxsize=256)
@@ -80,15 +80,23 @@ def base_record(cell: CellConfig, config: Mapping[str, Any], kind: str,
     ``n_params`` is left to the measurement (a failed cell measured nothing); the paper's
     count is ``paper_n_params``.
     """
-    model = get_model(cell.model)
+    model = model_of(cell)
     n = training_size(cell)
+    custom = cell.model == "custom"
     return {
         "schema": SCHEMA, "kind": kind, "status": None, "error": None,
         "engine": cell.engine, "loop": cell.loop if cell.engine == "jit" else None,
         "engine_mode": cell.engine_mode, "xla": cell.xla if cell.engine == "tfp" else None,
         "microbatch_size": (cell.microbatch_size if cell.engine == "jax_privacy"
                             and cell.engine_mode == "microbatch" else None),
-        "model": cell.model,
+        "model": model.name if custom else cell.model,
+        "model_factory": cell.factory if custom else None,
+        "model_kwargs": json.loads(cell.model_kwargs) if custom else None,
+        "model_source_sha": source_digest(cell.factory) if custom else None,
+        "ghost_fallback": cell.ghost_fallback if cell.engine == "ghost" else None,
+        # the toolkit's DP-SGD step draws the noise for its engines and jax_privacy's rows
+        "noise_generator": (NOISE_GENERATOR if cell.private and cell.engine not in
+                            TORCH_OR_TF_ENGINES else None),
         "unroll": cell.unroll if cell.model == "lstm" else None,
         "pool": cell.pool if cell.model == "cnn" else None,
         "steps_per_call": cell.steps_per_call, "devices": cell.devices,
@@ -130,7 +138,8 @@ def skip_if_done(record: Mapping[str, Any], job_dir: Path, resume_root: Path) ->
               flush=True)
         return None
     found = find_ok_record(resume_root, record["config_hash"], record["kind"], machine,
-                           record.get("concurrent_cells") or 1)
+                           record.get("concurrent_cells") or 1, record.get("model_source_sha"),
+                           record.get("noise_generator"))
     if found is None:
         return None
     # Relative to the pointer, so a moved or synced outputs/ folder keeps its links.
@@ -206,7 +215,7 @@ def _timing_job(cell: CellConfig, config: Mapping[str, Any], job_dir: str | Path
         sigma = report.noise_multiplier if report else cell.dp.noise_multiplier
         started = time.perf_counter()
         spec = {"task": "timing", "cell": cell.to_dict(), "noise_multiplier": sigma,
-                "dataset": dataclasses.asdict(get_model(cell.model).dataset),
+                "dataset": dataclasses.asdict(model_of(cell).dataset),
                 "config_hash": record["config_hash"]}
         try:
             outcome = run_worker(spec, job_dir, timeout_s=cell.timing.timeout_s, python=python)
@@ -307,7 +316,7 @@ def fetch_real_data(cell: CellConfig) -> str | None:
     """Download and verify the cell's real dataset in the parent; a one-line error or None."""
     from ablation.data.datasets import DatasetUnavailable, fetch_all
     try:
-        fetch_all(get_model(cell.model).dataset.name, cell.data_cache_dir, download=cell.download)
+        fetch_all(model_of(cell).dataset.name, cell.data_cache_dir, download=cell.download)
     except DatasetUnavailable as error:
         return one_line(error)
     return None

@@ -60,6 +60,7 @@ def _timing(spec: dict[str, Any]) -> dict[str, Any]:
     from ablation.measure.settings import cell_from_plain
     cell = cell_from_plain(spec["cell"])
     sigma = spec["noise_multiplier"]
+    _check_twin(cell)
     if cell.engine == "opacus":
         from ablation.reference.opacus import time_cell_torch
         return time_cell_torch(cell, sigma)
@@ -79,10 +80,25 @@ def _timing(spec: dict[str, Any]) -> dict[str, Any]:
     return time_cell(cell, sigma)
 
 
+#: Reference rows written in another framework: they run a twin of the model written there.
+TWIN_ENGINES = ("opacus", "backpack", "pyvacy", "tfp")
+
+
+def _check_twin(cell: Any) -> None:
+    """A PyTorch or TensorFlow row needs the model's twin in that framework and its data:
+    the registered models have theirs; a custom model or ``data=arrays`` has none."""
+    if cell.engine in TWIN_ENGINES and (cell.model == "custom" or cell.data == "arrays"):
+        what = "a custom model" if cell.model == "custom" else "data=arrays"
+        raise ValueError(f"engine={cell.engine} runs a twin of the model written in its own "
+                         f"framework, which {what} does not have; the JAX engines (both, jit, "
+                         "vmap, none, ghost) and jax_privacy run it")
+
+
 def _memory_try(spec: dict[str, Any]) -> dict[str, Any]:
     from ablation.measure.settings import REFERENCE_ENGINES, cell_from_plain
     from ablation.report.records import write_json
     cell = cell_from_plain(spec["cell"])
+    _check_twin(cell)
     if cell.engine in REFERENCE_ENGINES and cell.engine != "opacus":
         raise ValueError(f"the memory probe measures the JAX engines and Opacus, not "
                          f"engine={cell.engine}")
