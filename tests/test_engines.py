@@ -79,6 +79,42 @@ def test_every_engine_matches_the_oracle_with_the_papers_max_pool(engine):
     _assert_matches_the_oracle(engine, get_model("cnn", pool="xla"), batch=4)
 
 
+def _small_encoder_case(name: str):
+    """A small instance of the transformer (8 tokens) or the vit (8×8 images: 4 patches):
+    the same parameters, fewer positions (the position table's first rows)."""
+    from models import MODELS
+    model = MODELS[name]
+    params = model.init(jax.random.key(1))
+    kx, ky = jax.random.split(jax.random.key(2))
+    x = (jax.random.randint(kx, (4, 8), 0, model.dataset.vocab_size, jnp.int32)
+         if name == "transformer" else jax.random.uniform(kx, (4, 8, 8, 3), jnp.float32))
+    y = jax.random.randint(ky, (4,), 0, model.dataset.num_classes, jnp.int32)
+    return model, params, x, y
+
+
+# The eager engines' masked runs (10-15 s each) only in the slow suite: the mask's handling
+# there is the compiled engines' code run op by op, and test_masked_slots_contribute_nothing
+# covers it on every paper model.
+_ENCODER_CASES = [pytest.param(engine, masked, id=f"{label}-{'masked' if masked else 'all'}",
+                               marks=[pytest.mark.slow] if masked and not engine.jit else [])
+                  for engine, label in zip(ENGINE_VARIANTS, ENGINE_IDS) for masked in (False, True)]
+
+
+@pytest.mark.parametrize("name", ["transformer", "vit"])
+@pytest.mark.parametrize("engine, masked", _ENCODER_CASES)
+def test_every_engine_matches_the_oracle_on_the_encoders(engine, masked, name):
+    """Issue 24: every engine (ghost by its rules alone: embeddings, dense layers over
+    positions, layer norms, the patches convolution) equals the float64 oracle."""
+    model, params, x, y = _small_encoder_case(name)
+    per_example = reference_per_example_grads(model.loss, params, x, y)
+    clip = float(np.median([np.linalg.norm(g) for g in per_example]))
+    mask = jnp.array([1.0, 0.0, 1.0, 1.0]) if masked else None
+    expected = expected_clipped_sum(engine, model.loss, params, x, y, per_example, clip,
+                                    mask=None if mask is None else np.asarray(mask))
+    got = flatten(clipped_grad_sum(engine, model.loss, params, x, y, clip, mask=mask))
+    np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL * np.abs(expected).max())
+
+
 def test_infinite_clip_norm_is_plain_gradient_sum(model_case, oracle):
     model, params, x, y = model_case
     per_example, _, _ = oracle

@@ -189,6 +189,33 @@ def test_a_lone_ghost_cell_prints_no_cost_table_and_targets_need_asking(tmp_path
         "NOT met" in format_cost(pd.DataFrame([lone, base]), targets=True)
 
 
+def test_the_cost_table_holds_every_frameworks_fastest_row_and_the_encoder_targets():
+    """Issue 24: Opacus' fastest mode of any (functorch too) and the fastest private row of the
+    other frameworks, each against ghost, and the encoders' own targets, met or not."""
+    from ablation.report.benchmarks import encoder_verdicts, privacy_cost_table
+
+    def row(engine, private, ms, mode=None, **extra):
+        record = timing_record("both", "cifar10", 64, private)  # then made this row
+        record.update(engine=engine, model="transformer", engine_mode=mode,
+                      throughput_step_s=ms / 1e3, compile_s=1.0, **extra)
+        return record
+    frame = pd.DataFrame([row("both", False, 100.0), row("ghost", True, 110.0),
+                          row("opacus", True, 400.0, "hooks"),
+                          row("opacus", True, 150.0, "functorch"),
+                          row("tfp", True, 300.0, "vectorized", xla=False),
+                          row("jax_privacy", True, 200.0, "vmap"),
+                          row("pyvacy", True, float("nan"))])  # a row without a time is skipped
+    table = privacy_cost_table(frame)
+    (cost,) = table.to_dict("records")
+    assert cost["opacus best / ghost"] == pytest.approx(150 / 110)  # functorch, not hooks
+    assert cost["others best"] == "jax_privacy" and cost["others best ms"] == pytest.approx(200)
+    assert cost["others best / ghost"] == pytest.approx(200 / 110)
+    verdicts = "\n".join(encoder_verdicts(table))
+    assert "<= 1.25x: met, worst 1.10x (transformer B=64)" in verdicts
+    assert "Opacus' fastest mode: NOT met, worst 1.36x" in verdicts
+    assert "every other framework's row: met, worst 1.82x" in verdicts
+
+
 # -- identity ---------------------------------------------------------------------------------
 
 
