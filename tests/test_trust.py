@@ -174,6 +174,28 @@ def test_summary_pairs_two_sweeps_only_on_identical_settings(tmp_path, capsys):
     assert " yes " in out and "True" not in out
 
 
+def test_before_and_after_pair_across_a_setting_only_the_newer_code_records(tmp_path, capsys):
+    """scripts/before_after.py compares an older commit with the tree: a key the newer code
+    added with its default (engine.fallback) must not stop the cells pairing, and is named;
+    a setting both record and that differs still keeps them apart."""
+    from ablation.report.summary import main
+    old = timing_record("both", "ffnn", 64, True, config={"seed": 1})
+    new = timing_record("both", "ffnn", 64, True, config={"seed": 1})
+    new["config"]["engine"]["fallback"] = "error"
+    new["median_epoch_s"] = 0.5 * old["median_epoch_s"]
+    other = timing_record("both", "ffnn", 64, True, config={"seed": 2})
+    other["config"]["engine"]["fallback"] = "error"
+    for record in (old, new, other):
+        record.pop("config_hash", None)
+    write_json(tmp_path / "A" / "0" / "result.json", old)
+    write_json(tmp_path / "B" / "0" / "result.json", new)
+    write_json(tmp_path / "B" / "1" / "result.json", other)
+    assert main([str(tmp_path / "A"), str(tmp_path / "B")]) == 0
+    out = capsys.readouterr().out.split("=== b / a")[1]
+    assert "not compared: engine.fallback" in out
+    assert "×0.5" in out and "1 of b have no counterpart" in out
+
+
 # -- the cost table and the team's targets ----------------------------------------------------
 
 

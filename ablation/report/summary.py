@@ -15,6 +15,7 @@ was accounted for.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -26,8 +27,8 @@ from ablation.report.benchmarks import format_cost
 from ablation.report.labels import (  # noqa: F401  (public names of the summary)
     DEFAULT_MODES, ENGINE_ORDER, MIN_STEPS_FOR_SPREAD, engine_label, missing, model_label,
     format_ratio, ratio_digits, significant, timing_rows)
-from ablation.report.records import (config_hash, record_family, records_with_reused,
-                                     warn_unreadable)
+from ablation.report.records import (OTHER_KIND_KEYS, VOLATILE_KEYS, config_hash,
+                                     record_family, records_with_reused, warn_unreadable)
 
 FORMATS = ("text", "markdown", "csv")
 CELL_KEYS = ("family", "model_label", "data", "batch_size", "private")
@@ -105,6 +106,7 @@ def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
         "config_hash": [h if isinstance(h, str) else config_hash(c or {}, "timing")
                         for h, c in zip(frame.get("config_hash", [None] * len(frame)),
                                         frame.get("config", [None] * len(frame)))],
+        "config": frame.get("config", pd.Series([None] * len(frame), index=frame.index)),
         "path": frame["path"],
     }).reset_index(drop=True)
 
@@ -195,17 +197,52 @@ def format_summary(frame: pd.DataFrame, fmt: str = "text") -> str:
             + "\n".join(notes(table) + ([warning] if warning else [])))
 
 
+def _settings(config: Any) -> dict[str, str]:
+    """A timing config as ``{dotted key: value}``, without the keys that do not change what a
+    cell measures."""
+    flat: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = json.dumps(node, sort_keys=True, default=str)
+    walk(config if isinstance(config, dict) else {}, "")
+    dropped = VOLATILE_KEYS + OTHER_KIND_KEYS["timing"]
+    return {k: v for k, v in flat.items()
+            if not any(k == d or k.startswith(d + ".") for d in dropped)}
+
+
+def _paired(frames: Sequence[pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """The two sweeps' ok cells, each with the key they pair on: the config hash over the
+    settings *both* sweeps record. A setting that only one version of the code has (a key a
+    newer version added with its default, e.g. ``engine.fallback``) cannot tell their cells
+    apart, so it is left out (and returned, to be said); every shared setting must agree."""
+    a, b = (summary_table(f) for f in frames)
+    a, b = a[a["status"] == "ok"].copy(), b[b["status"] == "ok"].copy()
+    settings = [[_settings(c) for c in t["config"]] for t in (a, b)]
+    anywhere = [set().union(*map(set, rows)) if rows else set() for rows in settings]
+    everywhere = [set.intersection(*map(set, rows)) if rows else set() for rows in settings]
+    # one version always records it and the other never does: a key the code added or removed
+    one_sided = (everywhere[0] - anywhere[1]) | (everywhere[1] - anywhere[0])
+    compared = sorted((anywhere[0] | anywhere[1]) - one_sided)
+    for table, rows in zip((a, b), settings):
+        table["pair_key"] = [config_hash({k: row.get(k) for k in compared}) for row in rows]
+    return a, b, sorted(one_sided)
+
+
 def compare(frames: Sequence[pd.DataFrame], names: Sequence[str]) -> pd.DataFrame:
     """Two sweeps side by side: each cell's epoch time in both and the second ÷ the first.
 
-    Cells pair only when every setting is the same (their config hash: engine, model, batch,
-    privacy, data, timing, seed, dp.*, ...), whatever the machine or code; cells without a
+    Cells pair only when every setting is the same (engine, model, batch, privacy, data,
+    timing, seed, dp.*, ...), whatever the machine or code; settings only one of the two
+    versions records are left out (:func:`unpaired` names them), and cells without a
     counterpart are left out (:func:`unpaired` counts them). The ratio carries the
     significant figures the two cells' spreads support.
     """
-    a, b = (summary_table(f) for f in frames)
-    a, b = a[a["status"] == "ok"], b[b["status"] == "ok"]
-    merged = a.merge(b, on="config_hash", how="inner", suffixes=(" a", " b"))
+    a, b, _ = _paired(frames)
+    merged = a.merge(b, on="pair_key", how="inner", suffixes=(" a", " b"))
     out = pd.DataFrame({
         "engine": merged["engine a"], "model": merged["model a"], "batch": merged["batch a"],
         "private": ["yes" if p else "no" for p in merged["private a"]],
@@ -217,12 +254,12 @@ def compare(frames: Sequence[pd.DataFrame], names: Sequence[str]) -> pd.DataFram
     return out.reset_index(drop=True)
 
 
-def unpaired(frames: Sequence[pd.DataFrame]) -> tuple[int, int]:
-    """How many ok cells of each sweep have no counterpart with the same settings."""
-    a, b = (summary_table(f) for f in frames)
-    a, b = set(a.loc[a["status"] == "ok", "config_hash"]), set(b.loc[b["status"] == "ok",
-                                                                      "config_hash"])
-    return len(a - b), len(b - a)
+def unpaired(frames: Sequence[pd.DataFrame]) -> tuple[int, int, list[str]]:
+    """How many ok cells of each sweep have no counterpart with the same settings, and the
+    settings only one of the two records (not compared)."""
+    a, b, one_sided = _paired(frames)
+    keys_a, keys_b = set(a["pair_key"]), set(b["pair_key"])
+    return len(keys_a - keys_b), len(keys_b - keys_a), one_sided
 
 
 def format_memory_summary(frame: pd.DataFrame) -> str:
@@ -292,7 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(frames) == 2:
         table = compare(frames, ["a", "b"])
         print(f"=== b / a  (a = {args.folders[0]}, b = {args.folders[1]})")
-        only_a, only_b = unpaired(frames)
+        only_a, only_b, one_sided = unpaired(frames)
+        if one_sided:
+            print(f"(settings only one side records, not compared: {', '.join(one_sided)})")
         if only_a or only_b:
             print(f"({only_a} cell(s) of a and {only_b} of b have no counterpart with the same "
                   "settings: not compared)")
