@@ -153,19 +153,25 @@ np.savez(sys.argv[2], **out)
 """
 
 
+def _run_in_tf(script: str, tmp_path, name, params, x, y, clip, *, timeout: int):
+    """Run ``script`` in the TF Privacy environment on one case (weights as JSON, the batch,
+    C) and return the arrays it saved."""
+    as_json = json.dumps({k: {n: np.asarray(v).tolist() for n, v in g.items()}
+                          for k, g in params.items()})
+    np.savez(tmp_path / "case.npz", name=name, params=as_json, x=x, y=y, clip=clip)
+    proc = subprocess.run([str(TF_PYTHON), "-c", script, str(tmp_path / "case.npz"),
+                           str(tmp_path / "out.npz")], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return np.load(tmp_path / "out.npz")
+
+
 @pytest.mark.skipif(not TF_PYTHON.exists(), reason=f"no TF Privacy environment at {TF_PYTHON} "
                                                     "(make tf; make test makes it)")
 @pytest.mark.parametrize("name", CASES)
 def test_tf_privacy_clipped_sum_equals_jax(name, tmp_path):
     _, params, x, y, clip, expected = _case(name)
-    as_json = json.dumps({k: {n: np.asarray(v).tolist() for n, v in g.items()}
-                          for k, g in params.items()})
-    np.savez(tmp_path / "case.npz", name=name, params=as_json, x=x, y=y, clip=clip)
-    proc = subprocess.run([str(TF_PYTHON), "-c", TF_SCRIPT, str(tmp_path / "case.npz"),
-                           str(tmp_path / "out.npz")], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = np.load(tmp_path / "out.npz")
+    out = _run_in_tf(TF_SCRIPT, tmp_path, name, params, x, y, clip, timeout=600)
     # Keras orders each layer's kernel before its bias; Haiku's leaves put b before w.
     wanted = []
     for group in expected.values():
@@ -260,14 +266,7 @@ np.savez(sys.argv[2], **out)""")
 def test_tf_privacy_clipped_sum_equals_jax_on_the_encoders(name, tmp_path):
     """Keras' MultiHeadAttention and LayerNormalization twins, weights mapped by name."""
     _, params, x, y, clip, expected = _encoder_case(name)
-    as_json = json.dumps({k: {n: np.asarray(v).tolist() for n, v in g.items()}
-                          for k, g in params.items()})
-    np.savez(tmp_path / "case.npz", name=name, params=as_json, x=x, y=y, clip=clip)
-    proc = subprocess.run([str(TF_PYTHON), "-c", TF_ENCODER_SCRIPT, str(tmp_path / "case.npz"),
-                           str(tmp_path / "out.npz")], cwd=REPO, capture_output=True, text=True,
-                          timeout=900, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = np.load(tmp_path / "out.npz")
+    out = _run_in_tf(TF_ENCODER_SCRIPT, tmp_path, name, params, x, y, clip, timeout=900)
     names = [str(n).rsplit("/", 1) for n in out["names"]]
     wanted = [np.asarray(expected[scope][leaf]) for scope, leaf in names]
     for mode in ("vectorized", "loop"):

@@ -89,6 +89,15 @@ def load_arrays(path: str | os.PathLike | None, spec: DatasetSpec,
     return check_arrays(x, y, spec, f"data.path={path}", names)
 
 
+def _check_range(where: str, name: str, values: np.ndarray, what: str, bound: str,
+                 size: int) -> None:
+    """Integers ``values`` (labels, token ids) must lie in ``0 .. size - 1``."""
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= size:
+        raise ArraysError(f"{where}: {name} holds {what} {low}..{high}; {bound}, so "
+                          f"0..{size - 1}")
+
+
 def check_arrays(x: np.ndarray, y: np.ndarray, spec: DatasetSpec, where: str = "the data",
                  names: tuple[str, str] = ("x", "y")) -> tuple[np.ndarray, np.ndarray]:
     """``(x, y)`` in the dtypes the engines take, or :class:`ArraysError` naming the problem."""
@@ -104,17 +113,13 @@ def check_arrays(x: np.ndarray, y: np.ndarray, spec: DatasetSpec, where: str = "
         raise ArraysError(f"{where}: {nx} holds no examples")
     if not np.issubdtype(y.dtype, np.integer):
         raise ArraysError(f"{where}: {ny} must hold integer labels, not {y.dtype}")
-    low, high = int(y.min()), int(y.max())
-    if low < 0 or high >= spec.num_classes:
-        raise ArraysError(f"{where}: {ny} holds labels {low}..{high}; the model has "
-                          f"{spec.num_classes} classes, so 0..{spec.num_classes - 1}")
+    _check_range(where, ny, y, "labels", f"the model has {spec.num_classes} classes",
+                 spec.num_classes)
     if spec.input_dtype == "int32":
         if not np.issubdtype(x.dtype, np.integer):
             raise ArraysError(f"{where}: {nx} must hold integer token ids, not {x.dtype}")
-        low, high = int(x.min()), int(x.max())
-        if low < 0 or high >= spec.vocab_size:
-            raise ArraysError(f"{where}: {nx} holds token ids {low}..{high}; the vocabulary "
-                              f"has {spec.vocab_size}, so 0..{spec.vocab_size - 1}")
+        _check_range(where, nx, x, "token ids", f"the vocabulary has {spec.vocab_size}",
+                     spec.vocab_size)
         x = x.astype(np.int32)
     else:
         if not np.issubdtype(x.dtype, np.floating):
