@@ -196,6 +196,24 @@ def test_before_and_after_pair_across_a_setting_only_the_newer_code_records(tmp_
     assert "×0.5" in out and "1 of b have no counterpart" in out
 
 
+def test_a_non_private_record_is_not_set_apart_by_its_workers_accountant_version():
+    """TF Privacy's worker runs in its own environment (dp-accounting 0.4.3): a non-private
+    Keras record has no epsilon, so that version must not put it in a family of its own (it
+    did: the reference's Keras rows were drawn apart from every other row). Private and
+    non-private rows share a family; a private record's identity, beside its epsilon, still
+    names the accountant."""
+    from ablation.report.records import record_family, record_identity
+    jax_row = timing_record("both", "ffnn", 64, False)
+    keras = timing_record("both", "ffnn", 64, False)
+    keras["engine"] = "tfp"
+    jax_row["env"] = {**jax_row["env"], "dp_accounting": "0.6.0"}
+    keras["env"] = {**keras["env"], "dp_accounting": "0.4.3"}
+    private = dict(jax_row, private=True)
+    assert record_family(keras) == record_family(jax_row) == record_family(private)
+    assert record_identity(jax_row) == record_identity(dict(jax_row, env=keras["env"]))
+    assert record_identity(private) != record_identity(dict(private, env=keras["env"]))
+
+
 # -- the cost table and the team's targets ----------------------------------------------------
 
 

@@ -234,6 +234,18 @@ def machine_identity(env: Mapping[str, Any], engine: str | None,
     return ident
 
 
+def _record_machine(record: Mapping[str, Any], framework_versions: bool = True,
+                    accountant: bool = True) -> dict[str, Any]:
+    """A record's machine identity. The accountant's version (``dp_accounting``) only matters
+    where there is an epsilon: a non-private record's is left out (the parent accounts for
+    epsilon, while a framework's worker, e.g. TF Privacy's own environment, may have another),
+    and so is everyone's without ``accountant``."""
+    ident = machine_identity(record.get("env") or {}, record.get("engine"), framework_versions)
+    if record.get("private") is False or not accountant:
+        ident.pop("dp_accounting", None)
+    return ident
+
+
 def _digest(payload: Any) -> str:
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -246,7 +258,7 @@ def record_identity(record: Mapping[str, Any]) -> str:
     kind = record.get("kind") or "timing"
     digest = record.get("config_hash") or config_hash(record.get("config") or {}, kind)
     ident = {"config": digest, "kind": kind,
-             "machine": machine_identity(record.get("env") or {}, record.get("engine")),
+             "machine": _record_machine(record),
              # cells timed several at a time on one machine are another measurement
              "concurrent_cells": record.get("concurrent_cells") or 1}
     if record.get("model_source_sha"):  # your own model's code is part of what ran
@@ -264,8 +276,9 @@ def record_family(record: Mapping[str, Any]) -> str:
     config = dict(record.get("config") or {})
     for key in GRID_KEYS:
         config = _drop(config, key)
-    machine = machine_identity(record.get("env") or {}, record.get("engine"),
-                               framework_versions=False)
+    # Times do not depend on the accountant, and a family holds private and non-private rows
+    # alike: its version (in each record's identity, beside its epsilon) is left out here.
+    machine = _record_machine(record, framework_versions=False, accountant=False)
     return _digest({"config": config_hash(config, kind), "kind": kind, "machine": machine,
                     "concurrent_cells": record.get("concurrent_cells") or 1})
 

@@ -124,7 +124,9 @@ def current_machine(engine: str) -> dict[str, Any]:
                              env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
     if outcome.result.get("status") != "ok":
         raise RuntimeError(f"could not query the machine: {outcome.result.get('error')}")
-    return machine_identity(outcome.result["env"], engine)
+    # as its records carry it: the accountant is this process's (see run_job)
+    env = {**outcome.result["env"], "dp_accounting": _version("dp-accounting")}
+    return machine_identity(env, engine)
 
 
 def skip_if_done(record: Mapping[str, Any], job_dir: Path, resume_root: Path) -> dict | None:
@@ -240,7 +242,7 @@ def _timing_job(cell: CellConfig, config: Mapping[str, Any], job_dir: str | Path
                           f"(config {ran}, not {record['config_hash']}): measurements discarded",
                           **{key: None for key in MEASUREMENT_FIELDS})
         record["wall_s"] = outcome.wall_s
-        if report is not None and record.get("env"):  # epsilon is accounted here, not there
+        if record.get("env"):  # epsilon is accounted here, not in the worker's environment
             record["env"] = {**record["env"], "dp_accounting": _version("dp-accounting")}
     if not record.get("env"):
         record["env"] = environment(devices=False)
