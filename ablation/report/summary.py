@@ -106,7 +106,6 @@ def summary_table(frame: pd.DataFrame) -> pd.DataFrame:
         "config_hash": [h if isinstance(h, str) else config_hash(c or {}, "timing")
                         for h, c in zip(frame.get("config_hash", [None] * len(frame)),
                                         frame.get("config", [None] * len(frame)))],
-        "config": frame.get("config", pd.Series([None] * len(frame), index=frame.index)),
         "path": frame["path"],
     }).reset_index(drop=True)
 
@@ -221,7 +220,9 @@ def _paired(frames: Sequence[pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame,
     apart, so it is left out (and returned, to be said); every shared setting must agree."""
     a, b = (summary_table(f) for f in frames)
     a, b = a[a["status"] == "ok"].copy(), b[b["status"] == "ok"].copy()
-    settings = [[_settings(c) for c in t["config"]] for t in (a, b)]
+    configs = [dict(zip(f["path"], f["config"])) if "config" in f else {} for f in frames]
+    settings = [[_settings(config.get(path)) for path in t["path"]]
+                for t, config in zip((a, b), configs)]
     anywhere = [set().union(*map(set, rows)) if rows else set() for rows in settings]
     everywhere = [set.intersection(*map(set, rows)) if rows else set() for rows in settings]
     # one version always records it and the other never does: a key the code added or removed
