@@ -205,6 +205,25 @@ def test_one_sweep_holds_every_framework(tmp_path):
     assert "microbatch" in frame.set_index("engine").loc["pyvacy", "implementation"]
 
 
+def test_one_sweep_holds_every_row_on_the_vit(tmp_path):
+    """Issue 24: every engine and every framework row on an encoder in one tiny sweep; BackPACK,
+    which has no extension for LayerNorm, is an error record that quotes it."""
+    engines = "both,ghost,jit,vmap,none,opacus,opacus_ghost,opacus_functorch,jax_privacy,pyvacy"
+    engines += ",backpack" + (",tfp" if TF_PYTHON.exists() else "")
+    proc = run_cli("ablation.run", "-m", f"engine={engines}", "model=vit", "batch_size=2",
+                   "data.limit=64", *QUICK, output_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    frame = results.load(tmp_path)
+    status = dict(zip(frame["engine"] + frame["engine_mode"].fillna("").map(
+        lambda m: f"[{m}]" if m else ""), frame["status"]))
+    failed = {k: v for k, v in status.items() if v != "ok" and not k.startswith("backpack")}
+    assert not failed, frame[["engine", "engine_mode", "status", "error"]]
+    assert len(status) == len(engines.split(","))
+    if _installed("backpack"):
+        error = frame.set_index("engine").loc["backpack", "error"]
+        assert "no per-example gradient" in error and "norm" in error
+
+
 def _installed(module: str) -> bool:
     try:
         __import__(module)
