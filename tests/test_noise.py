@@ -82,3 +82,29 @@ def test_add_noise_scales_and_keys():
 def test_too_many_values_for_the_counters_is_an_error():
     with pytest.raises(ValueError, match="uint32"):
         noise.normal_at(jax.random.key(0), 2 ** 32 - 10, (20,))
+
+
+def test_a_batch_of_keys_or_another_generators_key_is_an_error():
+    """A [K] batch of keys (steps_per_call without its scan) or an rbg key's four words would
+    otherwise be read in part and broadcast: refused instead."""
+    tree = {"w": jnp.zeros(3)}
+    with pytest.raises(ValueError, match="one threefry2x32 key"):
+        noise.gaussian_like(tree, jax.random.split(jax.random.key(0), 2))
+    with pytest.raises(ValueError, match="one threefry2x32 key"):
+        noise.gaussian_like(tree, jax.random.key(0, impl="rbg"))
+
+
+def test_odd_leaves_share_no_counter_and_keep_their_shapes_and_dtypes():
+    """Empty and scalar leaves, bfloat16 and float16 ones: still the one stream end to end
+    (in float32, then cast), with keys whose first word is not zero."""
+    key = jax.random.fold_in(jax.random.key(3), 12345)
+    assert int(jax.random.key_data(key)[0]) != 0
+    tree = [jnp.zeros((0, 3)), jnp.zeros(()), jnp.zeros(4, jnp.bfloat16), jnp.zeros(3, jnp.float16),
+            jnp.zeros((2,))]
+    out = noise.gaussian_like(tree, key)
+    assert [(o.shape, o.dtype) for o in out] == [(t.shape, t.dtype) for t in tree]
+    stream = np.asarray(jax.random.normal(key, (10,)))
+    np.testing.assert_array_equal(np.asarray(out[1]), stream[0])
+    np.testing.assert_array_equal(np.asarray(out[2], np.float32),
+                                  stream[1:5].astype(jnp.bfloat16).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(out[4]), stream[8:10])

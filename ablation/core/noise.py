@@ -69,6 +69,16 @@ def _normal_from_bits(bits: jax.Array, dtype: Any) -> jax.Array:
     return (np.float32(math.sqrt(2.0)) * jax.lax.erf_inv(u)).astype(dtype)
 
 
+def _threefry_key(key: jax.Array) -> jax.Array:
+    """The two words of one threefry key; anything else (a batch of keys, an ``rbg`` key's four
+    words) is an error rather than noise from part of it."""
+    data = jax.random.key_data(key)
+    if data.shape != (2,):
+        raise ValueError(f"the noise needs one threefry2x32 key (2 words), got key data of "
+                         f"shape {data.shape}: one key per step, the default PRNG")
+    return data.astype(jnp.uint32)
+
+
 def normal_at(key: jax.Array, offset: int, shape: tuple[int, ...], dtype: Any = jnp.float32
               ) -> jax.Array:
     """Standard normals of flat positions ``offset .. offset + prod(shape) - 1`` of the stream
@@ -78,14 +88,14 @@ def normal_at(key: jax.Array, offset: int, shape: tuple[int, ...], dtype: Any = 
     if offset + size > 2 ** 32 - 1:
         raise ValueError(f"the noise counters are uint32: {offset + size:,} values is too many")
     counters = (jax.lax.iota(jnp.uint32, size) + np.uint32(offset)).reshape(shape)
-    b0, b1 = threefry2x32(jax.random.key_data(key).astype(jnp.uint32),
-                          jnp.zeros_like(counters), counters)
+    b0, b1 = threefry2x32(_threefry_key(key), jnp.zeros_like(counters), counters)
     return _normal_from_bits(b0 ^ b1, dtype)
 
 
 def gaussian_like(tree: PyTree, key: jax.Array) -> PyTree:
-    """Standard normals shaped like ``tree`` (each leaf in its dtype): leaf ``i`` holds flat
-    positions ``offset_i ..`` of one stream, the leaves laid end to end."""
+    """Standard normals shaped like ``tree``: leaf ``i`` holds flat positions ``offset_i ..``
+    of one stream, the leaves laid end to end, drawn in float32 and cast to the leaf's dtype
+    (a float64 leaf gets float32 values)."""
     leaves, treedef = jax.tree.flatten(tree)
     offsets = np.cumsum([0] + [math.prod(leaf.shape) for leaf in leaves])
     return jax.tree.unflatten(treedef, [normal_at(key, int(o), leaf.shape, leaf.dtype)

@@ -413,8 +413,8 @@ def find_ok_record(root: str | os.PathLike, digest: str, kind: str,
                    noise_generator: str | None = None) -> Path | None:
     """The newest ok record of kind ``kind``, config hash ``digest``, (when given) this
     ``machine`` identity (:func:`machine_identity`), the same custom model source and noise
-    generator under ``root``, outside committed ``reference`` folders (see :func:`iter_records`); None if
-    there is none."""
+    generator under ``root``, outside committed ``reference`` folders (see
+    :func:`iter_records`); None if there is none."""
     if not Path(root).exists():
         return None
     found = [(path, record) for path, record in iter_records(root, skip_reference=True)
