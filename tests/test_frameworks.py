@@ -153,6 +153,12 @@ np.savez(sys.argv[2], **out)
 """
 
 
+#: The TF Privacy rows run in their own environment (make tf; make test makes it).
+NEEDS_TF = pytest.mark.skipif(not TF_PYTHON.exists(),
+                              reason=f"no TF Privacy environment at {TF_PYTHON} "
+                                     "(make tf; make test makes it)")
+
+
 def _run_in_tf(script: str, tmp_path, name, params, x, y, clip, *, timeout: int):
     """Run ``script`` in the TF Privacy environment on one case (weights as JSON, the batch,
     C) and return the arrays it saved."""
@@ -166,8 +172,7 @@ def _run_in_tf(script: str, tmp_path, name, params, x, y, clip, *, timeout: int)
     return np.load(tmp_path / "out.npz")
 
 
-@pytest.mark.skipif(not TF_PYTHON.exists(), reason=f"no TF Privacy environment at {TF_PYTHON} "
-                                                    "(make tf; make test makes it)")
+@NEEDS_TF
 @pytest.mark.parametrize("name", CASES)
 def test_tf_privacy_clipped_sum_equals_jax(name, tmp_path):
     _, params, x, y, clip, expected = _case(name)
@@ -279,8 +284,7 @@ out["names"] = np.array(["/".join(tfp.haiku_path(w.name)) for w in model.weights
 np.savez(sys.argv[2], **out)""")
 
 
-@pytest.mark.skipif(not TF_PYTHON.exists(), reason=f"no TF Privacy environment at {TF_PYTHON} "
-                                                    "(make tf; make test makes it)")
+@NEEDS_TF
 @pytest.mark.parametrize("name", ENCODERS)
 def test_tf_privacy_clipped_sum_equals_jax_on_the_encoders(name, tmp_path):
     """Keras' MultiHeadAttention and LayerNormalization twins, weights mapped by name."""
