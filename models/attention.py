@@ -25,6 +25,10 @@ from models.nets import IMDB_SEQ_LEN, IMDB_VOCAB_ROWS
 
 #: transformer on IMDb: width, blocks, heads (and the MLP's 4× width).
 TRANSFORMER = dict(width=64, blocks=1, heads=2)  # 706,882 parameters (640,256 in the token table)
+#: The tied transformer's classes read these rows of the token table as their vectors (ids 1
+#: and 2: the start and out-of-vocabulary tokens of Keras' IMDb index, which real sequences and
+#: synthetic ones alike also feed in, so both uses of a row get a gradient).
+TIED_CLASS_ROWS = (1, 2)
 #: vit on CIFAR-10: 4×4 patches of a 32×32 image (64 tokens), width, blocks, heads.
 VIT = dict(patch=4, width=64, blocks=2, heads=4)  # 107,978 parameters
 
@@ -61,14 +65,29 @@ def _encoder(h: jax.Array, positions: int, width: int, blocks: int, heads: int) 
         axis=1)
 
 
-def transformer(tokens: jax.Array) -> jax.Array:
+def transformer(tokens: jax.Array, tied: bool = False) -> jax.Array:
     """Tokens ``[B, 256] -> [B, 2]``: token and position embeddings (width 64), one pre-LN
-    block of 2-head self-attention and a GELU MLP, mean-pooled, a linear classifier."""
+    block of 2-head self-attention and a GELU MLP, mean-pooled, a linear classifier.
+
+    ``tied=True`` ties the classifier to the token table, as a language model's output layer
+    is tied to its input embedding: ``logits = pooled @ E[TIED_CLASS_ROWS]ᵀ`` with no head of
+    its own (706,752 parameters). One weight then gets a gradient from two uses, which is what
+    per-layer clipping rules cannot add up: the ghost engine refuses it unless
+    ``engine.fallback=materialise``, and Opacus' per-layer hooks get it wrong (see
+    :mod:`ablation.reference.opacus`).
+    """
     c = TRANSFORMER
-    h = hk.Embed(IMDB_VOCAB_ROWS, c["width"], name="tokens",
-                 w_init=hk.initializers.TruncatedNormal(stddev=0.02))(tokens)
-    pooled = _encoder(h, IMDB_SEQ_LEN, c["width"], c["blocks"], c["heads"])
+    table = hk.Embed(IMDB_VOCAB_ROWS, c["width"], name="tokens",
+                     w_init=hk.initializers.TruncatedNormal(stddev=0.02))
+    pooled = _encoder(table(tokens), IMDB_SEQ_LEN, c["width"], c["blocks"], c["heads"])
+    if tied:
+        return pooled @ table.embeddings[jnp.array(TIED_CLASS_ROWS)].T
     return hk.Linear(2, name="head")(pooled)
+
+
+def tied_transformer(tokens: jax.Array) -> jax.Array:
+    """:func:`transformer` with the classifier tied to the token table (``model.tied=true``)."""
+    return transformer(tokens, tied=True)
 
 
 def vit(images: jax.Array) -> jax.Array:

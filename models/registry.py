@@ -125,7 +125,7 @@ def count_params(params: PyTree) -> int:
     return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
 
 
-def _build(name: str, unroll: str, pool: str) -> Model:
+def _build(name: str, unroll: str, pool: str, tied: bool = False) -> Model:
     builders = {
         "logreg": (nets.logreg, ADULT, True, 105),
         "ffnn": (nets.ffnn, ADULT, False, 5_352),
@@ -133,7 +133,8 @@ def _build(name: str, unroll: str, pool: str) -> Model:
         "embed": (nets.embed, IMDB, False, 160_370),
         "lstm": (nets.make_lstm(unroll), IMDB, False, 1_081_002),
         "cifar10": (nets.cifar10, CIFAR10, False, 605_226),
-        "transformer": (attention.transformer, IMDB, False, None),
+        "transformer": (attention.tied_transformer if tied else attention.transformer, IMDB,
+                        False, None),
         "vit": (attention.vit, CIFAR10, False, None),
     }
     fn, dataset, binary, n_params = builders[name]
@@ -150,9 +151,11 @@ UNROLLS = ("dynamic", "static")
 POOLS = nets.POOLS
 
 
-def get_model(name: str, *, unroll: str = "dynamic", pool: str = "fast") -> Model:
+def get_model(name: str, *, unroll: str = "dynamic", pool: str = "fast",
+              tied: bool = False) -> Model:
     """The model called ``name``; ``unroll`` (``dynamic``/``static``) applies to the lstm only,
-    ``pool`` (``fast``/``xla``) to the cnn only (the same model, another max-pool gradient).
+    ``pool`` (``fast``/``xla``) to the cnn only (the same model, another max-pool gradient),
+    ``tied`` to the transformer only (its classifier tied to the token table).
 
     The lstm scans its 256 tokens by default (``dynamic``); ``static`` unrolls them as the
     paper's code did (slow to compile on XLA:CPU).
@@ -166,13 +169,15 @@ def get_model(name: str, *, unroll: str = "dynamic", pool: str = "fast") -> Mode
         raise ValueError(f"unknown lstm unroll {unroll!r}; valid: {', '.join(UNROLLS)}")
     if pool not in POOLS:
         raise ValueError(f"unknown cnn pool {pool!r}; valid: {', '.join(POOLS)}")
-    if (name == "lstm" and unroll != "dynamic") or (name == "cnn" and pool != "fast"):
+    if tied and name != "transformer":
+        raise ValueError(f"tied applies to the transformer only, not {name!r}")
+    if (name == "lstm" and unroll != "dynamic") or (name == "cnn" and pool != "fast") or tied:
         return _with_options(name, unroll if name == "lstm" else "dynamic",
-                             pool if name == "cnn" else "fast")
+                             pool if name == "cnn" else "fast", tied)
     return MODELS[name]
 
 
 @functools.lru_cache(maxsize=8)
-def _with_options(name: str, unroll: str, pool: str) -> Model:
+def _with_options(name: str, unroll: str, pool: str, tied: bool = False) -> Model:
     # One Model per option, so repeated calls share its transform and compiled code.
-    return _build(name, unroll, pool)
+    return _build(name, unroll, pool, tied)

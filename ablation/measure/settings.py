@@ -72,6 +72,7 @@ class CellConfig:
     model: str = "ffnn"
     unroll: str = "dynamic"  # lstm: dynamic (lax.scan) | static (the paper's unroll)
     pool: str = "fast"  # cnn: fast (custom-VJP max-pool) | xla (hk.MaxPool, the paper's)
+    tied: bool = False  # transformer: its classifier tied to the token table
     factory: str | None = None  # model=custom: MODULE:FUNCTION returning an ablation.Model
     model_kwargs: str = "{}"  # model=custom: the factory's keyword arguments (JSON)
     ghost_fallback: str = "error"  # ghost: error | materialise (parameters no rule covers)
@@ -108,7 +109,7 @@ def model_of(cell: CellConfig) -> Any:
         from models.custom import load_factory
         return load_factory(cell.factory, cell.model_kwargs)
     from models import get_model
-    return get_model(cell.model, unroll=cell.unroll, pool=cell.pool)
+    return get_model(cell.model, unroll=cell.unroll, pool=cell.pool, tied=cell.tied)
 
 
 def training_size(cell: CellConfig) -> int:

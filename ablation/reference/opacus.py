@@ -52,6 +52,7 @@ def make_private(module: nn.Module, model_name: str, *, lr: float, clip_norm: fl
     divides n; 257 for IMDb at B=256): the JAX engines' DP-SGD up to that divisor.
     """
     from opacus import PrivacyEngine
+    check_per_example_gradients(module, model_name, x[:2], y[:2])
     optimizer = torch.optim.SGD(module.parameters(), lr=lr)
     criterion = criterion_for(model_name)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y),
@@ -66,6 +67,53 @@ def make_private(module: nn.Module, model_name: str, *, lr: float, clip_norm: fl
     else:
         module, optimizer, _ = out
     return module, optimizer, criterion
+
+
+class OpacusUnsupported(ValueError):
+    """A network on which Opacus' per-example gradients would be wrong (a tied weight)."""
+
+
+#: How far Opacus' per-example gradients may miss the batch gradient, relative to its norm
+#: (float32 sums of a few terms agree to ~1e-6; a weight used outside its layer misses a
+#: large fraction).
+ADD_UP_TOLERANCE = 1e-3
+
+
+def check_per_example_gradients(module: nn.Module, model_name: str, x: torch.Tensor,
+                                y: torch.Tensor) -> None:
+    """Refuse a network whose Opacus per-example gradients do not add up to its gradient.
+
+    Opacus computes each example's gradient layer by layer, from the hooks of the module that
+    owns a parameter (in every mode: hooks, functorch and ghost clipping alike). A parameter also
+    used outside its module, such as a classifier tied to the token table, gets a gradient from
+    that use which no hook sees: its per-example gradients miss it, the clipping norms are too
+    small, and a clipped example can count for more than C, silently. Checked on a copy of
+    ``module`` for the first examples of ``x``, ``y`` (labels or the criterion's targets).
+
+    Raises:
+      OpacusUnsupported: naming the parameter and by how much its gradients miss.
+    """
+    import copy
+
+    from opacus import GradSampleModule
+    targets = targets_for(model_name, y) if y.dim() == 1 else y
+    probe = GradSampleModule(copy.deepcopy(module), batch_first=True, loss_reduction="sum")
+    loss = criterion_for(model_name)(probe(x), targets) * x.shape[0]
+    loss.backward()
+    # Measured against the whole gradient's norm: a parameter whose true gradient is ~0 (the
+    # attention's key bias, which softmax ignores) has rounding for a relative error.
+    grads = {name: p for name, p in probe._module.named_parameters() if p.grad is not None}
+    scale = max(float(torch.sqrt(sum(p.grad.square().sum() for p in grads.values()))), 1e-30)
+    for name, p in grads.items():
+        summed = getattr(p, "grad_sample", None)
+        gap = 1.0 if summed is None else float((summed.sum(0) - p.grad).norm()) / scale
+        if gap > ADD_UP_TOLERANCE:
+            raise OpacusUnsupported(
+                f"opacus: the per-example gradients of {name} miss {gap:.0%} of the gradient: "
+                f"a weight used outside its layer (tied weights) gets a gradient no Opacus hook "
+                f"sees, so its clipping norms would be too small; Opacus refuses this model "
+                f"here (use engine=jax_privacy, pyvacy or tfp, or ghost with "
+                f"engine.fallback=materialise)")
 
 
 def clipped_grad_sum(module: nn.Module, model_name: str, x: torch.Tensor, y: torch.Tensor,
@@ -133,7 +181,7 @@ def try_batch_torch(cell: CellConfig, noise_multiplier: float, batch_size: int, 
     if not on_cpu and cap_bytes is not None:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total), device)
-    module = build(cell.model, dp_lstm=cell.private).to(device)
+    module = build(cell.model, dp_lstm=cell.private, tied=cell.tied).to(device)
     if cell.private:
         module, optimizer, criterion = make_private(
             module, cell.model, lr=cell.lr, clip_norm=cell.dp.clip_norm,

@@ -48,8 +48,9 @@ MODES = ("vectorized", "loop")
 VOCAB_ROWS = 10_004
 
 
-def build(name: str) -> keras.Model:
-    """The Keras twin of the JAX model ``name`` (NHWC images, as the Haiku models)."""
+def build(name: str, tied: bool = False) -> keras.Model:
+    """The Keras twin of the JAX model ``name`` (NHWC images, as the Haiku models; ``tied``:
+    the transformer's classifier tied to its token table)."""
     def seq(shape, *stack):
         return keras.Sequential([keras.Input(shape), *stack])
 
@@ -79,15 +80,31 @@ def build(name: str) -> keras.Model:
         stack += [layers.Conv2D(256, 3, padding="same", activation="relu"),
                   layers.Conv2D(10, 3, padding="same"), layers.GlobalAveragePooling2D()]
         return seq((32, 32, 3), *stack)
+    if tied and name != "transformer":
+        raise ValueError(f"tied applies to the transformer only, not {name!r}")
     if name in ENCODERS:
-        return _encoder(name)
+        return _encoder(name, tied)
     raise ValueError(f"unknown model {name!r}")
 
 
 #: models.attention's sizes (this environment has no JAX to import them from): width, blocks,
-#: heads, the position table's rows, the classes; the vit's 4×4 patches.
+#: heads, the position table's rows, the classes; the vit's 4×4 patches; the token rows the
+#: tied transformer's classes read (models.attention.TIED_CLASS_ROWS).
 ENCODERS = {"transformer": dict(width=64, blocks=1, heads=2, positions=256, classes=2),
             "vit": dict(width=64, blocks=2, heads=4, positions=64, classes=10, patch=4)}
+TIED_CLASS_ROWS = (1, 2)
+
+
+class TiedClassifier(layers.Layer):
+    """``pooled @ table[rows]ᵀ``: the classes read their vectors from an embedding layer's own
+    table (the same variable, so its gradient sums both uses)."""
+
+    def __init__(self, table: layers.Embedding, rows: Sequence[int], **kwargs):
+        super().__init__(**kwargs)
+        self.table, self.rows = table, tf.constant(rows)
+
+    def call(self, pooled):
+        return tf.matmul(pooled, tf.gather(self.table.embeddings, self.rows), transpose_b=True)
 
 
 class PositionEmbedding(layers.Layer):
@@ -109,7 +126,7 @@ def _gelu(x):
     return tf.nn.gelu(x, approximate=True)  # jax.nn.gelu's default
 
 
-def _encoder(name: str) -> keras.Model:
+def _encoder(name: str, tied: bool = False) -> keras.Model:
     """models.attention's transformer or vit in Keras. Layers are named after the Haiku scopes
     they twin (``block_1-attention`` for ``block_1/attention``): :func:`haiku_weights` maps
     by those names."""
@@ -117,7 +134,8 @@ def _encoder(name: str) -> keras.Model:
     width, heads = c["width"], c["heads"]
     if name == "transformer":
         inputs = keras.Input((c["positions"],), dtype="int32")
-        h = layers.Embedding(VOCAB_ROWS, width, name="tokens")(inputs)
+        table = layers.Embedding(VOCAB_ROWS, width, name="tokens")
+        h = table(inputs)
     else:
         inputs = keras.Input((32, 32, 3))
         h = layers.Conv2D(width, c["patch"], strides=c["patch"], name="patches")(inputs)
@@ -136,7 +154,9 @@ def _encoder(name: str) -> keras.Model:
         h = h + layers.Dense(width, name=f"{block}-mlp_out")(x)
     h = layers.LayerNormalization(epsilon=1e-5, name="final_norm")(h)
     pooled = layers.GlobalAveragePooling1D()(h)
-    return keras.Model(inputs, layers.Dense(c["classes"], name="head")(pooled))
+    head = (TiedClassifier(table, TIED_CLASS_ROWS, name="tied_head") if tied else
+            layers.Dense(c["classes"], name="head"))
+    return keras.Model(inputs, head(pooled))
 
 
 _LEAVES = {"kernel": "w", "bias": "b", "gamma": "scale", "beta": "offset",
@@ -160,13 +180,15 @@ def _gates(a: np.ndarray) -> np.ndarray:
     return np.concatenate([i, f, g, o], axis=-1)
 
 
-def haiku_weights(name: str, params: Mapping[str, Mapping[str, np.ndarray]]) -> list[np.ndarray]:
+def haiku_weights(name: str, params: Mapping[str, Mapping[str, np.ndarray]],
+                  tied: bool = False) -> list[np.ndarray]:
     """Haiku parameters as the twin's ``get_weights()`` list (Keras kernels are ``[in, out]``
     and HWIO, like Haiku's; the LSTM's ``[x, h]`` map splits into kernel and recurrent kernel,
     its forget-gate offset of +1 moves into the bias)."""
     if name in ENCODERS:  # by name; the attention's kernels reshape [d, h·k] <-> [d, h, k]
         return [np.asarray(params[scope][leaf]).reshape(tuple(w.shape))
-                for w, (scope, leaf) in ((w, haiku_path(w.name)) for w in build(name).weights)]
+                for w, (scope, leaf) in ((w, haiku_path(w.name))
+                                         for w in build(name, tied).weights)]
     if name == "lstm":
         w, b = np.asarray(params["lstm/linear"]["w"]), np.asarray(params["lstm/linear"]["b"])
         bias = _gates(b).copy()
@@ -208,11 +230,12 @@ def make_optimizer(*, mode: str, private: bool, lr: float, clip_norm: float,
 
 
 def clipped_grad_sum(name: str, params: Mapping[str, Any], x: np.ndarray, y: np.ndarray,
-                     clip_norm: float, mode: str = "vectorized") -> list[np.ndarray]:
+                     clip_norm: float, mode: str = "vectorized",
+                     tied: bool = False) -> list[np.ndarray]:
     """TF Privacy's sum of per-example gradients clipped to ``clip_norm`` (σ = 0), in the
     twin's weight order: the cross-framework oracle against :func:`ablation.clipped_grad_sum`."""
-    model = build(name)
-    model.set_weights(haiku_weights(name, params))
+    model = build(name, tied)
+    model.set_weights(haiku_weights(name, params, tied))
     optimizer = make_optimizer(mode=mode, private=True, lr=0.0, clip_norm=clip_norm,
                                noise_multiplier=0.0, batch_size=len(x))
     loss = per_example_loss(name)
@@ -265,7 +288,7 @@ def time_cell_tfp(cell: CellConfig, noise_multiplier: float,
     if cell.batch_size > n:
         raise ValueError(f"batch_size {cell.batch_size} exceeds the training set ({n} examples)")
     mode = cell.engine_mode or "vectorized"
-    model = build(cell.model)
+    model = build(cell.model, cell.tied)
     optimizer = make_optimizer(mode=mode, private=cell.private, lr=cell.lr,
                                clip_norm=cell.dp.clip_norm, noise_multiplier=noise_multiplier,
                                batch_size=cell.batch_size)
@@ -300,9 +323,9 @@ def time_cell_tfp(cell: CellConfig, noise_multiplier: float,
     return fields
 
 
-def weight_order(name: str) -> Sequence[str]:
+def weight_order(name: str, tied: bool = False) -> Sequence[str]:
     """The twin's weight names, in ``get_weights()`` order (for messages and tests)."""
-    return [w.name for w in build(name).weights]
+    return [w.name for w in build(name, tied).weights]
 
 
 if __name__ == "__main__":  # pragma: no cover - a smoke check inside .venv-tf

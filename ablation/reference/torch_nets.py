@@ -141,13 +141,17 @@ class TorchBlock(nn.Module):
 
 
 class EncoderNet(nn.Module):
-    """models.attention's transformer (tokens) or vit (images) in PyTorch."""
+    """models.attention's transformer (tokens) or vit (images) in PyTorch; ``tied``: the
+    transformer's classifier reads its class vectors from the token table, as the Haiku model
+    does (no ``head`` layer)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, tied: bool = False):
         super().__init__()
         from models import attention
         config = attention.TRANSFORMER if name == "transformer" else attention.VIT
-        width, self.name = config["width"], name
+        width, self.name, self.tied = config["width"], name, tied
+        self.register_buffer("class_rows", torch.tensor(attention.TIED_CLASS_ROWS),
+                             persistent=False)
         if name == "transformer":
             self.tokens = nn.Embedding(IMDB_VOCAB_ROWS, width)
             steps, classes = 256, 2
@@ -161,7 +165,7 @@ class EncoderNet(nn.Module):
         self.blocks = nn.ModuleList([TorchBlock(width, config["heads"])
                                      for _ in range(config["blocks"])])
         self.final_norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, classes)
+        self.head = None if tied else nn.Linear(width, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.name == "transformer":
@@ -172,11 +176,14 @@ class EncoderNet(nn.Module):
         h = h + self.positions(steps)
         for block in self.blocks:
             h = block(h)
-        return self.head(self.final_norm(h).mean(dim=1))
+        pooled = self.final_norm(h).mean(dim=1)
+        if self.tied:  # the token table's own weight, used a second time
+            return pooled @ self.tokens.weight[self.class_rows].T
+        return self.head(pooled)
 
 
-def build(name: str, *, dp_lstm: bool = True) -> nn.Module:
-    """The PyTorch twin of the JAX model ``name``.
+def build(name: str, *, dp_lstm: bool = True, tied: bool = False) -> nn.Module:
+    """The PyTorch twin of the JAX model ``name`` (``tied``: the transformer's tied classifier).
 
     The lstm uses Opacus' ``DPLSTM`` (which Opacus needs for per-example gradients) when
     ``dp_lstm``, else ``nn.LSTM`` (for BackPACK and plain autograd); both have the same
@@ -208,8 +215,10 @@ def build(name: str, *, dp_lstm: bool = True) -> nn.Module:
         layers += [nn.Conv2d(128, 256, 3, padding=1), nn.ReLU(),
                    nn.Conv2d(256, 10, 3, padding=1), MeanOver((2, 3))]
         return nn.Sequential(*layers)
+    if tied and name != "transformer":
+        raise ValueError(f"tied applies to the transformer only, not {name!r}")
     if name in ("transformer", "vit"):
-        return EncoderNet(name)
+        return EncoderNet(name, tied)
     raise ValueError(f"unknown model {name!r}")
 
 
@@ -280,7 +289,8 @@ def _encoder_to_torch(name: str, groups: Mapping[str, Mapping[str, np.ndarray]]
         for projection in ("query", "key", "value", "linear"):
             out += linear(f"{block}/attention/{projection}")
         out += norm(f"{block}/mlp_norm") + linear(f"{block}/mlp_in") + linear(f"{block}/mlp_out")
-    return out + norm("final_norm") + linear("head")
+    # the tied transformer has no head: its classes read the token table
+    return out + norm("final_norm") + (linear("head") if "head" in groups else [])
 
 
 def load_haiku_params(module: nn.Module, params: Mapping[str, Mapping[str, Any]],
@@ -374,7 +384,7 @@ def time_torch_cell(cell: CellConfig, setup: StepSetup, *, label: str,
     n = x.shape[0]
     if cell.batch_size > n:
         raise ValueError(f"batch_size {cell.batch_size} exceeds the training set ({n} examples)")
-    module = build(cell.model, dp_lstm=dp_lstm).to(device)
+    module = build(cell.model, dp_lstm=dp_lstm, tied=cell.tied).to(device)
     n_params = count_params(module)
     targets = targets_for(cell.model, y)
     step = setup(module, x, targets)

@@ -132,8 +132,8 @@ def timing_frame(records_frame: pd.DataFrame, *, ok_only: bool = True) -> pd.Dat
         frame = frame[frame["status"] == "ok"]
     if frame.empty:
         return empty
-    for column in ("loop", "engine_mode", "unroll", "pool", "experiment", "finished_at", "xla",
-                   "devices", "microbatch_size"):
+    for column in ("loop", "engine_mode", "unroll", "pool", "tied", "ghost_fallback",
+                   "experiment", "finished_at", "xla", "devices", "microbatch_size"):
         if column not in frame:
             frame[column] = None
     frame["engine_label"] = frame.apply(engine_label, axis=1)
@@ -168,8 +168,8 @@ def memory_frame(records_frame: pd.DataFrame) -> pd.DataFrame:
                           & (records_frame["status"] == "ok")].copy()
     if frame.empty:
         return empty
-    for column in ("loop", "engine_mode", "unroll", "pool", "experiment", "finished_at",
-                   "cap_enforced", "predict_only"):
+    for column in ("loop", "engine_mode", "unroll", "pool", "tied", "ghost_fallback",
+                   "experiment", "finished_at", "cap_enforced", "predict_only"):
         if column not in frame:
             frame[column] = None
     frame["engine_label"] = frame.apply(engine_label, axis=1)

@@ -37,6 +37,8 @@ def engine_label(row: Any) -> str:
         tags.append(f"{mode} {int(size)}" if mode == "microbatch" and not missing(size) else mode)
     if engine == "tfp" and row.get("xla") is True:
         tags.append("xla")
+    if engine == "ghost" and row.get("ghost_fallback") == "materialise":
+        tags.append("materialise")
     devices = row.get("devices")
     if not missing(devices) and devices and devices > 1:
         tags.append(f"{int(devices)} devices")
@@ -45,11 +47,14 @@ def engine_label(row: Any) -> str:
 
 def model_label(row: Any) -> str:
     """``lstm[static]`` for the paper's unrolled lstm, ``cnn[xla]`` for the cnn with the
-    paper's max-pool, else the model's name."""
+    paper's max-pool, ``transformer[tied]`` for the transformer with a tied classifier, else
+    the model's name."""
     if row["model"] == "lstm" and row.get("unroll") == "static":
         return "lstm[static]"
     if row["model"] == "cnn" and row.get("pool") == "xla":
         return "cnn[xla]"
+    if row["model"] == "transformer" and row.get("tied") is True:
+        return "transformer[tied]"
     return row["model"]
 
 

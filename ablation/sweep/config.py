@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 KNOWN_KEYS: dict[str, frozenset[str] | None] = {
     "engine": frozenset({"name", "loop", "mode", "fallback", "devices", "xla",
                          "microbatch_size"}),
-    "model": frozenset({"name", "unroll", "pool", "factory", "kwargs"}),
+    "model": frozenset({"name", "unroll", "pool", "tied", "factory", "kwargs"}),
     "data": frozenset({"source", "limit", "cache_dir", "download", "path"}),
     "dp": frozenset(f.name for f in dataclasses.fields(PrivacyConfig)),
     "optim": frozenset({"lr"}),
@@ -201,6 +201,7 @@ def cell_from_dict(cfg: Mapping[str, Any]) -> CellConfig:
         model=_choice(model.get("name", "ffnn"), "model", (*MODEL_NAMES, "custom")),
         unroll=_choice(model.get("unroll", "dynamic") or "dynamic", "model.unroll", UNROLLS),
         pool=_choice(model.get("pool", "fast") or "fast", "model.pool", POOLS),
+        tied=_tied(model),
         factory=factory,
         model_kwargs=model_kwargs,
         ghost_fallback=fallback,
@@ -231,6 +232,15 @@ def cell_from_dict(cfg: Mapping[str, Any]) -> CellConfig:
             raise ConfigError(str(error)) from None
     _check_batch(cell, model_obj)
     return cell
+
+
+def _tied(model: Mapping[str, Any]) -> bool:
+    """``model.tied``: the transformer's classifier tied to its token table (no other model)."""
+    tied = _bool(model.get("tied", False) or False, "model.tied")
+    if tied and model.get("name") != "transformer":
+        raise ConfigError(f"model.tied applies to model=transformer only, not "
+                          f"model={model.get('name')}")
+    return tied
 
 
 def _factory(model: Mapping[str, Any]) -> tuple[str | None, str]:

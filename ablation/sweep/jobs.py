@@ -99,6 +99,7 @@ def base_record(cell: CellConfig, config: Mapping[str, Any], kind: str,
                             TORCH_OR_TF_ENGINES else None),
         "unroll": cell.unroll if cell.model == "lstm" else None,
         "pool": cell.pool if cell.model == "cnn" else None,
+        "tied": cell.tied if cell.model == "transformer" else None,
         "steps_per_call": cell.steps_per_call, "devices": cell.devices,
         "sharding": (f"batch split over {cell.devices} devices (shard_map, psum of clipped sums)"
                      if cell.devices > 1 else None),
