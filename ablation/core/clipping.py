@@ -489,6 +489,21 @@ def ghost_clipped_sum(loss: LayeredLoss, params: PyTree, x: jax.Array, y: jax.Ar
         fallback materialises it), a layer used twice, a subclassed or transformed layer (the
         message names it).
     """
+    return _ghost_sum(loss, params, x, y, clip_norm, mask, mode, fallback)
+
+
+def ghost_unclipped_sum(loss: LayeredLoss, params: PyTree, x: jax.Array, y: jax.Array,
+                        mask: jax.Array | None = None, mode: str = "bookkeeping",
+                        fallback: str = "error") -> PyTree:
+    """For timing only (:mod:`ablation.measure.cost_split`): the ghost engine's sum with its
+    norms taken away, every kept example weighted by 1 instead of its clip factor. NOT
+    clipped, so never a private step's sum; the same tapped pass and weighted sums as
+    :func:`ghost_clipped_sum`, whose time less this one's is what the norms cost."""
+    return _ghost_sum(loss, params, x, y, None, mask, mode, fallback)
+
+
+def _ghost_sum(loss, params, x, y, clip_norm, mask, mode, fallback) -> PyTree:
+    """:func:`ghost_clipped_sum`, or with ``clip_norm=None`` :func:`ghost_unclipped_sum`."""
     if mode not in MODES:
         raise ValueError(f"unknown ghost mode {mode!r}; valid: {', '.join(MODES)}")
     if not isinstance(loss, LayeredLoss):
@@ -501,8 +516,11 @@ def ghost_clipped_sum(loss: LayeredLoss, params: PyTree, x: jax.Array, y: jax.Ar
         x, y = fill_padded(x, y, keep)
 
     norms, inputs, out_grads, plan, materialised = _tapped_pass(loss, params, x, y, fallback)
-    sq_norms = _total_sq(norms, materialised)
-    scale = jnp.minimum(1.0, clip_norm / jnp.sqrt(sq_norms))  # [B]; 1 for a zero gradient
+    if clip_norm is None:  # weights of 1 that XLA cannot fold away: the same weighted sums
+        scale = lax.optimization_barrier(jnp.ones(jnp.shape(y)[:1], jnp.float32))
+    else:
+        sq_norms = _total_sq(norms, materialised)
+        scale = jnp.minimum(1.0, clip_norm / jnp.sqrt(sq_norms))  # [B]; 1 for a zero gradient
     if keep is not None:
         scale = jnp.where(keep, scale, 0.0)
 
@@ -519,7 +537,8 @@ def ghost_clipped_sum(loss: LayeredLoss, params: PyTree, x: jax.Array, y: jax.Ar
             layer = _bookkeeping_sum(tap, params[scope], inputs[scope], out_grads[scope], scale,
                                      skip=rule.names)
         layer.update(rule.exact_sum(scale, rule.names))
-        if rule.fallback is not None:  # the Gram bound was loose: every example's own gradient
+        if rule.fallback is not None and clip_norm is not None:  # the Gram bound was loose:
+            # every example's own gradient
             names = tuple(layer)
             layer = lax.cond(rule.fallback, lambda c: rule.exact_sum(c, names),
                              lambda c: layer, scale)

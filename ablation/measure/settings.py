@@ -37,6 +37,8 @@ class TimingConfig:
       min_steps: steady-state steps taken even past the budget, so a median exists.
       timeout_s: the cell's wall-clock limit; past it the cell is killed, status ``timeout``.
       progress: show a progress bar.
+      cost_split: for a private ghost cell, also time the step with its parts taken away
+        (:mod:`ablation.measure.cost_split`): non-private work, clipped sum, norms, noise.
     """
 
     mode: str = "budget"
@@ -47,6 +49,7 @@ class TimingConfig:
     min_steps: int = 5
     timeout_s: float = 1800.0
     progress: bool = True
+    cost_split: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

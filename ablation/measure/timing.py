@@ -37,6 +37,7 @@ from ablation.core.engines import get_engine
 from ablation.data.samplers import (Batch, PoissonSampler, ShuffleSampler, load_training_set,
                                     poisson_capacity, run_keys)
 from ablation.measure.clock import PreparedClock, run_timing_loop
+from ablation.measure.cost_split import measure_cost_split, supports_cost_split
 from ablation.measure.settings import CellConfig, model_of
 from models import Model, count_params
 
@@ -170,6 +171,11 @@ def time_cell(cell: CellConfig, noise_multiplier: float, *, clipped_sum: Callabl
     if k > 1:
         fields = per_step(fields, k, sampler.steps_per_epoch)
 
+    if cell.timing.cost_split and supports_cost_split(cell):
+        fields["cost_split_s"] = measure_cost_split(
+            cell, model, noise_multiplier, optimizer, clock.state, sampler, keys.noise,
+            budget_s=cell.timing.budget_s,
+            expected_batch_size=cell.batch_size if cell.dp.sampling == "poisson" else None)
     params_end = clock.state[0]
     if cell.private and noise_multiplier > 0:
         fields["noise_step_s"] = noise_seconds(params_end, keys.noise, noise_multiplier)

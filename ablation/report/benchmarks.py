@@ -177,15 +177,19 @@ RATIO_COLUMNS = ("ghost / np", "ghost-noise / np", "both / ghost", "opacus best 
 
 def format_cost(records: pd.DataFrame, *, targets: bool = False) -> str:
     """The cost table as text: only rows where the ghost engine has a baseline beside it
-    (empty otherwise, never a table of NaN), only columns with a number. ``targets`` adds the
-    team's speed targets (``python -m ablation.summary DIR --targets``), met or not."""
+    (empty otherwise, never a table of NaN), only columns with a number; then the cost split
+    of the ghost cells that have one. ``targets`` adds the team's speed targets (``python -m
+    ablation.summary DIR --targets``), met or not."""
+    split = format_cost_split(records)
+    split = f"the private ghost step, part by part (ms; timing.cost_split=true):\n{split}" \
+        if split else ""
     table = privacy_cost_table(records)
     if table.empty or "ghost best ms" not in table:
-        return ""
+        return split
     compared = [c for c in ("ghost / np", "both / ghost", "opacus best / ghost") if c in table]
     table = table.dropna(subset=compared, how="all") if compared else table.iloc[0:0]
     if table.empty:
-        return ""
+        return split
     table = table.dropna(axis=1, how="all")
     shown = table.copy()
     for column in shown.columns:
@@ -193,5 +197,47 @@ def format_cost(records: pd.DataFrame, *, targets: bool = False) -> str:
             shown[column] = [format_ratio(v) or "-" for v in shown[column]]
         elif column.endswith(" ms"):
             shown[column] = ["-" if missing(v) else f"{v:.3g}" for v in shown[column]]
-    text = shown.to_string(index=False)
+    text = shown.to_string(index=False) + (f"\n\n{split}" if split else "")
     return text + ("\n\n" + "\n".join(ghost_verdicts(table)) if targets else "")
+
+
+#: The cost split's columns: (heading, key in the record's ``cost_split_s``).
+SPLIT_COLUMNS = (("non-private", "non_private"), ("clipped sum", "clipped_sum"),
+                 ("norms", "norms"), ("noise", "noise"))
+
+
+def cost_split_table(records: pd.DataFrame) -> pd.DataFrame:
+    """One row per private ghost cell timed with ``timing.cost_split=true``: the parts of its
+    step (ms), their sum (the split's own full step), the cell's measured step, and the two
+    spreads (the split's rounds, the cell's bursts)."""
+    frame = timing_rows(records)
+    if frame.empty or "cost_split_s" not in frame:
+        return pd.DataFrame()
+    hits = frame[(frame["status"] == "ok") & (frame["engine"] == "ghost")
+                 & frame["cost_split_s"].map(lambda v: isinstance(v, dict))]
+    rows = []
+    for _, r in hits.iterrows():
+        split = r["cost_split_s"]
+        row: dict[str, Any] = {"model": r["model_label"], "batch": int(r["batch_size"]),
+                               "engine": r["engine_label"]}
+        row.update({heading: 1e3 * split[key] for heading, key in SPLIT_COLUMNS})
+        row["parts sum"] = 1e3 * sum(split[key] for _, key in SPLIT_COLUMNS)
+        row["cell step"] = 1e3 * float(r["throughput_step_s"])
+        row["split spread"] = split.get("spread")
+        row["cell spread"] = r.get("spread")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def format_cost_split(records: pd.DataFrame) -> str:
+    """:func:`cost_split_table` as text ("" when no record has a split)."""
+    table = cost_split_table(records)
+    if table.empty:
+        return ""
+    shown = table.copy()
+    for column in shown.columns:
+        if column.endswith("spread"):
+            shown[column] = ["-" if missing(v) else f"{v:.0%}" for v in shown[column]]
+        elif column not in ("model", "batch", "engine"):
+            shown[column] = [f"{v:.3g}" for v in shown[column]]
+    return shown.to_string(index=False)

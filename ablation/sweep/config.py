@@ -159,6 +159,7 @@ def cell_from_dict(cfg: Mapping[str, Any]) -> CellConfig:
         min_steps=_int(timing.get("min_steps", 5), "timing.min_steps", minimum=1),
         timeout_s=_float(timing.get("timeout_s", 1800.0), "timing.timeout_s", positive=True),
         progress=_bool(timing.get("progress", True), "timing.progress"),
+        cost_split=_bool(timing.get("cost_split", False) or False, "timing.cost_split"),
     )
     delta = _float(dp.get("delta", 1e-5), "dp.delta", positive=True)
     if delta >= 1:

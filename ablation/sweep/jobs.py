@@ -41,7 +41,7 @@ MEASUREMENT_FIELDS = (
     "throughput_bursts_s", "epoch_times_s", "first_epoch_s", "median_epoch_s",
     "epoch_estimated", "steps_timed", "steps_run", "inputs_reused", "noise_step_s", "n_compiles",
     "compiled_functions", "loss_start", "loss_end", "test_accuracy", "device_peak_bytes",
-    "ghost_rules")
+    "ghost_rules", "cost_split_s")
 
 
 @functools.lru_cache(maxsize=256)
