@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -280,6 +281,53 @@ def test_embed_rule_sums_repeated_ids_first():
     for vocab in (10, 2 ** 30):  # packed keys, and the argsort path for a huge vocabulary
         np.testing.assert_allclose(np.asarray(embed_sq_norms(ids, g, vocab)), [first, second],
                                    rtol=1e-5)
+
+
+def _embed_reference(ids, g, vocab):
+    """Float64 per-example norms and the weighted table, row by row, as hk.Embed's gradient
+    lands: an id below 0 wraps once, one still outside [0, V) adds nothing."""
+    ids, g = np.asarray(ids), np.asarray(g, np.float64)
+    c = np.linspace(0.25, 1.0, len(ids))
+    norms, table = [], np.zeros((vocab, g.shape[-1]))
+    for i, (row_ids, row_g) in enumerate(zip(ids, g)):
+        rows = {}
+        for v, gt in zip(row_ids, row_g):
+            v = v + vocab if v < 0 else v
+            if 0 <= v < vocab:
+                rows[v] = rows.get(v, 0) + gt
+        norms.append(sum(np.sum(r ** 2) for r in rows.values()))
+        for v, r in rows.items():
+            table[v] += c[i] * r
+    return np.array(norms), table, c
+
+
+@pytest.mark.parametrize("grouping", ["buckets", "sort", "argsort"])
+def test_every_embed_grouping_is_exact_on_adversarial_ids(grouping, monkeypatch):
+    """Issue 25: the sort-free grouping (a table of first positions) and the sorts agree with
+    the float64 reference on ids built to break them: all equal, all distinct, the table's
+    ends, negative ids that wrap (and one that does not), ids past the table."""
+    from ablation.core import clipping
+    vocab, steps = 11, 9
+    ids = jnp.array([[4] * steps, list(range(steps)), [0, 10, 0, 10, 10, 0, 5, 5, 0],
+                     [-1, 10, -11, 0, -12, 11, 99, -1, 3], [2, 2, 11, 2, -5, 6, 6, 2, 2]],
+                    jnp.int32)
+    g = jax.random.normal(jax.random.key(3), (*ids.shape, 5))
+    monkeypatch.setattr(clipping, "prefers_buckets", lambda *_: grouping == "buckets")
+    if grouping == "argsort":  # ids too large to pack beside a position
+        monkeypatch.setattr(clipping, "_group_by_sorting", functools.partial(
+            clipping._group_by_sorting, pack=False))
+    rule = clipping.embed_norms(ids, g, vocab)
+    norms, table, c = _embed_reference(ids, g, vocab)
+    np.testing.assert_allclose(np.asarray(rule.sq), norms, rtol=1e-5)
+    got = rule.exact_sum(jnp.asarray(c, jnp.float32))["embeddings"]
+    np.testing.assert_allclose(np.asarray(got), table, rtol=1e-5, atol=1e-6)
+
+
+def test_the_embed_grouping_is_chosen_by_cost():
+    from ablation.core.clipping import prefers_buckets
+    assert prefers_buckets(256, 10_004)  # IMDb: the table of first positions
+    assert not prefers_buckets(16, 10_004)  # a short sequence: the sort
+    assert not prefers_buckets(256, 10 ** 7)  # a huge vocabulary: the sort
 
 
 # -- bad input ---------------------------------------------------------------------------------

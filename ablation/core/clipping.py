@@ -17,7 +17,8 @@ dense        no positions (T = 1): ``‖a_i‖² ‖g_i‖²``. Over positions o
              shapes. Bias: ``‖Σ_t g_it‖²``.
 conv2d       the input's patches are ``A_i`` over the output positions; then the dense rule.
 embed        ``Σ_v ‖Σ_{t: id_t = v} g_t‖²``: each example's output gradients summed over repeated
-             token ids (a sort and a segment sum), never a vocabulary-sized gradient. Ids map as
+             token ids (grouped by a table of first positions, or a sort where T is short; then a
+             segment sum), never a vocabulary-sized gradient. Ids map as
              the lookup maps them (below 0 wraps once; outside the table gets no gradient).
 ===========  =================================================================================
 
@@ -51,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 from typing import Any, Callable, Mapping
 
 import jax
@@ -299,13 +301,52 @@ def norm_affine_norms(inputs: jax.Array, grads: jax.Array, tap: LayerTap) -> Lay
     return LayerNorms(sq, exact_sum, tuple(sorted(held)))
 
 
+#: The embedding rule's two ways of grouping equal ids, timed on a 2-core AMD EPYC (jax 0.10.2,
+#: ``scripts/bench_embed_groups.py``): a per-example sort costs about SORT_NS·T·log2 T; a
+#: per-example table of first positions costs BUCKET_FIXED_NS + BUCKET_NS_PER_ROW·V to clear
+#: (V rows, in cache) plus the same T-proportional scatter and gather either way.
+SORT_NS, BUCKET_FIXED_NS, BUCKET_NS_PER_ROW = 4.7, 600.0, 0.07
+
+
+def prefers_buckets(steps: int, vocab_size: int) -> bool:
+    """Whether grouping T ids of a V-row table is cheaper by a table of first positions than
+    by a sort (IMDb's T = 256, V = 10,004: buckets, 3-4× faster; T = 16: the sort)."""
+    sort_ns = SORT_NS * steps * max(1.0, math.log2(max(steps, 2)))
+    return BUCKET_FIXED_NS + BUCKET_NS_PER_ROW * vocab_size < sort_ns
+
+
 def _group_repeated_ids(ids: jax.Array, vocab_size: int) -> tuple[jax.Array, jax.Array]:
     """For ids ``[B, T]`` already in ``[0, V)``, each position's group (``[B, T]`` in
     ``[0, T)``: equal ids share one) and each group's id (``[B, T]``; a group no position
-    uses has id 0 and will hold zeros)."""
+    uses holds zeros, so its id does not matter). By buckets or a sort, whichever
+    :func:`prefers_buckets`."""
+    if prefers_buckets(ids.shape[1], vocab_size):
+        return _group_by_buckets(ids, vocab_size)
+    return _group_by_sorting(ids, vocab_size)
+
+
+def _group_by_buckets(ids: jax.Array, vocab_size: int) -> tuple[jax.Array, jax.Array]:
+    """Each position's group is the first position holding the same id, found through a table
+    of V first positions per example (one example at a time, so the table stays in cache and
+    the memory is V ints, not B·V). A group's slot is its first position, whose id it is."""
+    steps = ids.shape[1]
+    positions = jnp.arange(steps, dtype=jnp.int32)
+
+    def first_positions(example_ids):
+        table = jnp.full((vocab_size,), steps, jnp.int32).at[example_ids].min(positions)
+        return table[example_ids]
+
+    return lax.map(first_positions, ids), ids
+
+
+def _group_by_sorting(ids: jax.Array, vocab_size: int, pack: bool = True
+                      ) -> tuple[jax.Array, jax.Array]:
+    """The groups of :func:`_group_repeated_ids` by one sort per example: group ``k`` is the
+    k-th distinct id in sorted order (a group no position uses has id 0). ``pack=False``
+    sorts (id, position) pairs even where both would fit one int32 key (for tests)."""
     batch, steps = ids.shape
     rows = jnp.arange(batch)[:, None]
-    if vocab_size * steps < 2 ** 31:
+    if pack and vocab_size * steps < 2 ** 31:
         # ids and positions packed in one int32 key: XLA:CPU sorts plain keys several times
         # faster than key-value pairs.
         packed = jnp.sort(ids * steps + jnp.arange(steps, dtype=jnp.int32), axis=1)
@@ -329,8 +370,10 @@ def embed_norms(ids: jax.Array, grads: jax.Array, vocab_size: int) -> LayerNorms
     Ids map as ``hk.Embed``'s lookup maps them and as its gradient lands: an id below 0 wraps
     once (``V + id``), and one that is still outside ``[0, V)`` adds to no row (the lookup's
     gather clamps it, its transposed scatter drops it). Repeated ids are grouped by one sort
-    per example: T buckets per example, never a vocabulary-sized gradient. The sum reuses the
-    groups' gradients, so each example adds exactly the rows its norm was computed from.
+    per example (a table of first positions, or a sort where T is short:
+    :func:`prefers_buckets`): T buckets per example, never a vocabulary-sized gradient. The
+    sum reuses the groups' gradients, so each example adds exactly the rows its norm was
+    computed from.
     """
     ids = ids.reshape(ids.shape[0], -1).astype(jnp.int32)
     g = _positions(grads)
@@ -621,7 +664,9 @@ def layer_rules(loss: LayeredLoss, params: PyTree, x1: Any, y1: Any,
         tap = plan.layers[scope]
         inputs, outputs = plan.input_shapes[scope], plan.output_shapes[scope].shape
         if tap.kind == "embed":
-            rules[scope] = f"embed: segment sum over {int(np.prod(inputs))} ids"
+            ids = int(np.prod(inputs))
+            how = "buckets" if prefers_buckets(ids, tap.options["vocab_size"]) else "a sort"
+            rules[scope] = f"embed: segment sum over {ids} ids (grouped by {how})"
             continue
         if tap.kind == "norm_affine":
             rules[scope] = "rms norm" if tap.options["rms"] else "layer norm"
