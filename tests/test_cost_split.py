@@ -69,3 +69,14 @@ def test_the_split_adds_up_to_the_cells_step(tmp_path):
     summary = run_cli("ablation.summary", str(tmp_path), "--cost", output_dir=tmp_path)
     assert summary.returncode == 0, summary.stderr
     assert "part by part" in summary.stdout and "norms" in summary.stdout
+
+
+def test_the_cost_table_takes_the_noise_from_the_split_only_where_it_resolves_it():
+    import pandas as pd
+
+    from ablation.report.benchmarks import _noise_seconds
+    resolved = {"noise": 0.3e-3, "spread": 0.05, "step": 2e-3}
+    unresolved = {"noise": 0.3e-3, "spread": 0.2, "step": 2e-3}  # 0.3 < 2 x 0.2 x 2 ms
+    assert _noise_seconds(pd.Series({"cost_split_s": resolved, "noise_step_s": 1e-3})) == 0.3e-3
+    assert _noise_seconds(pd.Series({"cost_split_s": unresolved, "noise_step_s": 1e-3})) == 1e-3
+    assert _noise_seconds(pd.Series({"noise_step_s": None})) is None
