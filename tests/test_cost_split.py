@@ -80,3 +80,13 @@ def test_the_cost_table_takes_the_noise_from_the_split_only_where_it_resolves_it
     assert _noise_seconds(pd.Series({"cost_split_s": resolved, "noise_step_s": 1e-3})) == 0.3e-3
     assert _noise_seconds(pd.Series({"cost_split_s": unresolved, "noise_step_s": 1e-3})) == 1e-3
     assert _noise_seconds(pd.Series({"noise_step_s": None})) is None
+
+
+def test_a_missing_clip_norm_never_means_unclipped():
+    """None marks the timing variant inside the module; the private sum refuses it."""
+    from ablation.core.clipping import ghost_clipped_sum
+    model = get_model("ffnn")
+    params = model.init(jax.random.key(0))
+    x, y = small_batch(model, 2)
+    with pytest.raises(ValueError, match="needs a clip norm"):
+        ghost_clipped_sum(model.loss, params, x, y, None)

@@ -532,6 +532,8 @@ def ghost_clipped_sum(loss: LayeredLoss, params: PyTree, x: jax.Array, y: jax.Ar
         fallback materialises it), a layer used twice, a subclassed or transformed layer (the
         message names it).
     """
+    if clip_norm is None:  # None is the unclipped timing variant's marker, never a default
+        raise ValueError("ghost_clipped_sum needs a clip norm (a positive number or inf)")
     return _ghost_sum(loss, params, x, y, clip_norm, mask, mode, fallback)
 
 

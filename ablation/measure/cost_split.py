@@ -33,6 +33,7 @@ import jax
 from ablation.core.clipping import ghost_unclipped_sum
 from ablation.core.dpsgd import DPConfig, make_step
 from ablation.core.engines import get_engine
+from ablation.measure.clock import robust_stats
 from ablation.measure.settings import CellConfig
 from models import Model
 
@@ -108,15 +109,10 @@ def measure_cost_split(cell: CellConfig, model: Model, noise_multiplier: float, 
         for variant in order:
             times[variant].append(burst(steps[variant], n))
     median = {v: statistics.median(t) for v, t in times.items()}
-    spread = max((_iqr(t) / median[v]) for v, t in times.items() if median[v] > 0)
+    spread = max(robust_stats(t)["iqr"] / median[v] for v, t in times.items() if median[v] > 0)
     return {"non_private": median["non_private"],
             "clipped_sum": median["unclipped"] - median["non_private"],
             "norms": median["clipped"] - median["unclipped"],
             "noise": median["full"] - median["clipped"],
             "step": median["full"], "variants": median, "spread": spread, "steps": n}
 
-
-def _iqr(times: list[float]) -> float:
-    import numpy as np
-    q1, q3 = np.percentile(times, [25, 75])
-    return float(q3 - q1)
