@@ -15,7 +15,11 @@ dense        no positions (T = 1): ``‖a_i‖² ‖g_i‖²``. Over positions o
              projection over 256 steps): the Gram form ``⟨A_i A_iᵀ, G_i G_iᵀ⟩`` (cost T²·(d+p))
              or the per-layer gradient ``‖A_iᵀ G_i‖²`` (cost T·d·p), whichever is cheaper for the
              shapes. Bias: ``‖Σ_t g_it‖²``.
-conv2d       the input's patches are ``A_i`` over the output positions; then the dense rule.
+conv2d       the input's patches are ``A_i`` over the output positions; then the dense rule,
+             in the form (Gram or materialised) and with the patches held the way (written out,
+             or one view per kernel offset) that measured fastest for the layer's shapes on
+             this machine (:func:`conv_form`; ``ABLATION_CONV_FORMS=model`` takes the flop
+             count's form instead).
 embed        ``Σ_v ‖Σ_{t: id_t = v} g_t‖²``: each example's output gradients summed over repeated
              token ids (grouped by a table of first positions, or a sort where T is short; then a
              segment sum), never a vocabulary-sized gradient. Ids map as
@@ -51,8 +55,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
+import os
 from typing import Any, Callable, Mapping
 
 import jax
@@ -60,7 +64,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from ablation.core import autotune
 from ablation.core.masking import fill_padded, zero_unless_any
+from ablation.core.patches import Patches, patch_views
 from ablation.core.taps import (HIGHEST, GhostUnsupported, LayeredLoss, LayerTap,
                                 parameter_violations)
 
@@ -140,23 +146,31 @@ class LayerNorms:
     fallback: jax.Array | None = None
 
 
-def dense_norms(inputs: jax.Array, grads: jax.Array, names: tuple[str, ...],
-                weight_shape: tuple[int, ...] | None = None) -> LayerNorms:
-    """``‖∇W_i‖² (+ ‖∇b_i‖²)`` of ``A @ W + b`` from ``A [B, ..., d]`` and ``G [B, ..., p]``."""
-    a, g = _positions(inputs), _positions(grads)
-    positions, d, p = a.shape[1], a.shape[2], g.shape[2]
+def dense_norms(inputs: jax.Array | Patches, grads: jax.Array, names: tuple[str, ...],
+                weight_shape: tuple[int, ...] | None = None, form: str | None = None
+                ) -> LayerNorms:
+    """``‖∇W_i‖² (+ ‖∇b_i‖²)`` of ``A @ W + b`` from ``A [B, ..., d]`` (or a conv's
+    :class:`Patches`) and ``G [B, ..., p]``; over positions in the ``form`` given (``gram`` or
+    ``materialised``), else in the one :func:`prefers_gram` picks."""
+    a, g = (inputs if isinstance(inputs, Patches) else _positions(inputs)), _positions(grads)
+    batch, positions, d = a.shape
+    p = g.shape[2]
     shape = weight_shape or (d, p)
+    if form is None:
+        form = "gram" if prefers_gram(positions, d, p) else "materialised"
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}; valid: {', '.join(FORMS)}")
 
     held = {}  # the per-example gradients this rule computes anyway
-    sq = jnp.zeros(a.shape[0], a.dtype)
+    sq = jnp.zeros(batch, a.dtype)
     if "b" in names:
         held["b"] = jnp.sum(g, axis=1)  # [B, p]: each example's bias gradient
         sq = jnp.sum(jnp.square(held["b"]), axis=-1)
     fallback = None
     if positions == 1:  # a rank-1 gradient: its norm is a product of two positive sums
-        w_sq = jnp.sum(jnp.square(a), axis=(1, 2)) * jnp.sum(jnp.square(g), axis=(1, 2))
-    elif prefers_gram(positions, d, p):
-        aa = jnp.einsum("btd,bsd->bts", a, a, precision=HIGHEST)
+        w_sq = _sq_rows(a) * jnp.sum(jnp.square(g), axis=(1, 2))
+    elif form == "gram":
+        aa = _gram(a)
         gg = jnp.einsum("btp,bsp->bts", g, g, precision=HIGHEST)
         # Two sums of T terms each (a barrier keeps XLA from merging them into one of T²), so
         # the bound's 2T holds whatever order each sum runs in.
@@ -168,18 +182,44 @@ def dense_norms(inputs: jax.Array, grads: jax.Array, names: tuple[str, ...],
         fallback = jnp.any(bound > GRAM_TOLERANCE * gram)
         w_sq = gram + bound
     else:
-        held["w"] = jnp.einsum("btd,btp->bdp", a, g, precision=HIGHEST)
+        held["w"] = _outer(a, g)
         w_sq = jnp.sum(jnp.square(held["w"]), axis=(1, 2))
 
     def exact_sum(c, wanted):
         sums = {name: _weighted(c, held[name]) for name in wanted if name in held}
         if "w" in wanted and "w" not in held:
-            sums["w"] = _one_by_one_sum(a, g, c, jnp.sqrt(w_sq))
+            dense = a.dense() if isinstance(a, Patches) else a
+            sums["w"] = _one_by_one_sum(dense, g, c, jnp.sqrt(w_sq))
         if "w" in sums:
             sums["w"] = sums["w"].reshape(shape)
         return sums
 
     return LayerNorms(sq + w_sq, exact_sum, tuple(sorted(held)), fallback)
+
+
+#: The dense rule's forms over positions.
+FORMS = ("gram", "materialised")
+
+
+def _gram(a: jax.Array | Patches) -> jax.Array:
+    """``[B, T, T]``: ``A_i A_iᵀ``."""
+    if isinstance(a, Patches):
+        return a.gram()
+    return jnp.einsum("btd,bsd->bts", a, a, precision=HIGHEST)
+
+
+def _outer(a: jax.Array | Patches, g: jax.Array) -> jax.Array:
+    """``[B, d, p]``: each example's ``A_iᵀ G_i``."""
+    if isinstance(a, Patches):
+        return a.outer(g)
+    return jnp.einsum("btd,btp->bdp", a, g, precision=HIGHEST)
+
+
+def _sq_rows(a: jax.Array | Patches) -> jax.Array:
+    """``[B]``: ``‖A_i‖²``."""
+    if isinstance(a, Patches):
+        return a.sq_rows()
+    return jnp.sum(jnp.square(a), axis=(1, 2))
 
 
 def _one_by_one_sum(a: jax.Array, g: jax.Array, c: jax.Array, norms: jax.Array) -> jax.Array:
@@ -201,42 +241,104 @@ def dense_sq_norms(inputs: jax.Array, grads: jax.Array, names: tuple[str, ...]) 
     return dense_norms(inputs, grads, names).sq
 
 
-def extract_patches(x: jax.Array, kernel: tuple[int, ...], strides: tuple[int, ...],
-                    padding: Any) -> jax.Array:
-    """``[N, *spatial, C] -> [N, *out, k₁···k_n·C]``: each output position's input window, in
-    the ``(k₁, …, k_n, C)`` order of a channels-last kernel (``HWIO`` in 2-D).
-
-    Pads and takes one strided slice per kernel offset: memory moves only, where
-    ``lax.conv_general_dilated_patches`` runs a convolution with an identity kernel (on
-    XLA:CPU several times slower for the cifar10 layers).
-    """
-    dims = len(kernel)
-    spatial = x.shape[1:1 + dims]
-    pads = (lax.padtype_to_pads(spatial, kernel, strides, padding) if isinstance(padding, str)
-            else [tuple(p) for p in padding])
-    x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-    out = [(x.shape[1 + i] - kernel[i]) // strides[i] + 1 for i in range(dims)]
-    views = [x[(slice(None), *(slice(o, o + s * (n - 1) + 1, s)
-                               for o, s, n in zip(offsets, strides, out)))]
-             for offsets in itertools.product(*(range(k) for k in kernel))]
-    return jnp.concatenate(views, axis=-1)
-
-
 _SPATIAL = {1: "W", 2: "HW", 3: "DHW"}
+
+#: How the conv rule picks its form for a layer's shapes, from the environment variable
+#: ``ABLATION_CONV_FORMS``: ``measured`` (the default) times its exact candidates once per shape
+#: on this machine (:mod:`ablation.core.autotune`) and keeps the fastest; ``model`` writes the
+#: patches out and takes the form the flop count prefers (:func:`prefers_gram`).
+CONV_FORM_CHOICES = ("measured", "model")
+CONV_FORMS_ENV = "ABLATION_CONV_FORMS"
+#: How the patches are held: written out (``[B, T, d]``) or as one view per kernel offset.
+#: (Each example's weight gradient from the layer's own VJP, vmapped, was slower than both on
+#: every paper layer: 1.5-10x, so it is no candidate.)
+LAYOUTS = ("written", "views")
+#: Candidates costlier than the cheapest by more than this factor in flops are not timed (the
+#: measured choice never took one beyond 2×).
+FLOP_SLACK = 3
+
+
+def conv_form_choice() -> str:
+    """``measured`` or ``model`` (see :data:`CONV_FORM_CHOICES`)."""
+    choice = os.environ.get(CONV_FORMS_ENV, "measured")
+    if choice not in CONV_FORM_CHOICES:
+        raise ValueError(f"{CONV_FORMS_ENV}={choice!r}; valid: {', '.join(CONV_FORM_CHOICES)}")
+    return choice
+
+
+def _dilated(tap: LayerTap) -> bool:
+    o = tap.options
+    return any(d != 1 for d in (*o["lhs_dilation"], *o["rhs_dilation"]))
+
+
+def conv_form(tap: LayerTap, input_shape: tuple[int, ...], output_shape: tuple[int, ...],
+              dtype: Any = jnp.float32) -> tuple[str, str, bool]:
+    """``(layout, form, measured)`` for a conv layer with inputs ``[B, n, *spatial, C]`` and
+    output gradients ``[B, n, *out, O]``: how :func:`conv_norms` computes it."""
+    positions = int(np.prod(output_shape[1:-1]))
+    d = int(np.prod(tap.options["filter_shape"])) * input_shape[-1]
+    p = output_shape[-1]
+    model = "gram" if prefers_gram(positions, d, p) else "materialised"
+    if conv_form_choice() == "model" or positions == 1:
+        return "written", model, False
+    flops = {"gram": positions * positions * (d + p), "materialised": positions * d * p}
+    forms = [f for f in FORMS if flops[f] <= FLOP_SLACK * min(flops.values())]
+    layouts = ("written",) if _dilated(tap) else LAYOUTS
+    candidates = [(layout, form) for layout in layouts for form in forms]
+    if len(candidates) == 1:
+        return (*candidates[0], False)
+    o = tap.options
+    key = ("conv", jax.default_backend(), tuple(input_shape), tuple(output_shape),
+           jnp.dtype(dtype).name,
+           tuple(o["filter_shape"]), tuple(o["window_strides"]), str(o["padding"]),
+           tuple(o["lhs_dilation"]), tuple(o["rhs_dilation"]), tuple(tap.params))
+
+    def timed(layout, form):
+        return lambda inputs, grads, c: conv_layer_work(tap, inputs, grads, c, layout, form)
+
+    specs = (jax.ShapeDtypeStruct(tuple(input_shape), dtype),
+             jax.ShapeDtypeStruct(tuple(output_shape), dtype),
+             jax.ShapeDtypeStruct(input_shape[:1], dtype))
+    name = autotune.fastest(key, {f"{layout}/{form}": timed(layout, form)
+                                  for layout, form in candidates}, specs,
+                            default=f"written/{model}")
+    layout, form = name.split("/")
+    return layout, form, True
+
+
+def conv_layer_work(tap: LayerTap, inputs: jax.Array, grads: jax.Array, c: jax.Array,
+                    layout: str, form: str) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """What a step needs of one conv layer in one layout and form (what the measured choice
+    times): the per-example squared norms and ``Σ_i c_i ∇_i`` (the materialised form's from
+    its per-example gradients, the Gram form's by the book-keeping VJP)."""
+    norms = _conv_layer_norms(inputs, grads, tap, layout, form)
+    sums = norms.exact_sum(c, norms.names)
+    if "w" not in norms.names:
+        kernel = jnp.zeros((*tap.options["filter_shape"], inputs.shape[-1], grads.shape[-1]),
+                           inputs.dtype)
+        sums.update(_bookkeeping_sum(tap, {"w": kernel}, inputs, grads, c, skip=norms.names))
+    return norms.sq, sums
 
 
 def conv_norms(inputs: jax.Array, grads: jax.Array, tap: LayerTap) -> LayerNorms:
-    """The conv rule: the input's patches are the dense rule's ``A`` over output positions.
+    """The conv rule: the input's patches are the dense rule's ``A`` over output positions, in
+    the layout and form :func:`conv_form` picks for the shapes.
 
     ``inputs [B, n, *spatial, C]`` and ``grads [B, n, *out, O]`` (``n`` inputs per example: 1
     for a network that convolves its input as it comes).
     """
+    layout, form, _ = conv_form(tap, inputs.shape, grads.shape, inputs.dtype)
+    return _conv_layer_norms(inputs, grads, tap, layout, form)
+
+
+def _conv_layer_norms(inputs: jax.Array, grads: jax.Array, tap: LayerTap, layout: str,
+                      form: str) -> LayerNorms:
     o = tap.options
     dims = o["spatial_dims"]
     batch, channels = inputs.shape[0], inputs.shape[-1]
     images = inputs.reshape(-1, *inputs.shape[-(dims + 1):])
     kernel = tuple(o["filter_shape"])
-    if any(d != 1 for d in (*o["lhs_dilation"], *o["rhs_dilation"])):
+    if _dilated(tap):
         if dims not in _SPATIAL:
             raise GhostUnsupported(f"ghost: a dilated {dims}-D convolution has no conv rule "
                                    "(1-, 2- and 3-D do)")
@@ -248,11 +350,13 @@ def conv_norms(inputs: jax.Array, grads: jax.Array, tap: LayerTap) -> LayerNorms
         # lax orders a patch's features (C, k₁, …); the kernel's rows are (k₁, …, C).
         patches = patches.reshape(*patches.shape[:-1], channels, *kernel)
         patches = jnp.moveaxis(patches, -dims - 1, -1).reshape(*patches.shape[:dims + 1], -1)
+        patches = patches.reshape(batch, -1, patches.shape[-1])
     else:
-        patches = extract_patches(images, kernel, o["window_strides"], o["padding"])
-    patches = patches.reshape(batch, -1, patches.shape[-1])
+        patches = patch_views(images, kernel, o["window_strides"], o["padding"], batch)
+        if layout == "written":
+            patches = patches.dense()
     out = grads.shape[-1]
-    return dense_norms(patches, grads, tap.params, (*kernel, channels, out))
+    return dense_norms(patches, grads, tap.params, (*kernel, channels, out), form)
 
 
 def _to_axes(axis: Any, ndim: int) -> tuple[int, ...]:
@@ -416,8 +520,8 @@ RULES: Mapping[str, Rule] = {
     "dense": Rule(lambda a, g, tap: dense_norms(a, g, tap.params),
                   "hk.Linear (and dense maps over positions or time): ‖a‖²‖g‖², or Gram / "
                   "materialised over positions, whichever is cheaper"),
-    "conv": Rule(conv_norms, "hk.Conv1D/2D/3D, hk.ConvND: patches, then the dense rule over "
-                 "positions"),
+    "conv": Rule(conv_norms, "hk.Conv1D/2D/3D, hk.ConvND: patches (written out or as views), "
+                 "then the dense rule over positions, in the form measured fastest"),
     "embed": Rule(lambda ids, g, tap: embed_norms(ids, g, tap.options["vocab_size"]),
                   "hk.Embed: segment sum over repeated ids"),
     "norm_affine": Rule(norm_affine_norms, "hk.LayerNorm, hk.RMSNorm: their scale and offset "
@@ -646,12 +750,15 @@ def _tapped_pass(loss: LayeredLoss, params: PyTree, x: jax.Array, y: jax.Array,
 
 
 def layer_rules(loss: LayeredLoss, params: PyTree, x1: Any, y1: Any,
-                fallback: str = "error") -> dict[str, str]:
+                fallback: str = "error", batch_size: int | None = None) -> dict[str, str]:
     """How the ghost engine clips each parameter scope of ``loss``'s network, for examples
     shaped like ``x1`` (one example, no batch axis; arrays or ``ShapeDtypeStruct``s):
     ``{scope: rule}``, e.g. ``dense``, ``dense: gram over 25 positions``, ``conv2d:
     materialised over 196 positions``, ``embed: segment sum over 256 ids``, ``layer norm``,
-    ``fallback: materialised (<why>)``.
+    ``fallback: materialised (<why>)``. A conv layer's form is measured for the shapes of a
+    batch (:func:`conv_form`): with ``batch_size`` it is the one a step of that batch takes
+    (``conv2d: materialised over 1024 positions (patches as views; measured)``); without, the
+    flop model's.
 
     Raises:
       GhostUnsupported: as :func:`ghost_clipped_sum` would, naming the layer.
@@ -682,7 +789,14 @@ def layer_rules(loss: LayeredLoss, params: PyTree, x1: Any, y1: Any,
             rules[scope] = kind
             continue
         form = "gram" if prefers_gram(positions, features, outputs[-1]) else "materialised"
-        rules[scope] = f"{kind}: {form} over {positions} positions"
+        how = ""
+        if tap.kind == "conv" and batch_size is not None:
+            layout, form, measured = conv_form(tap, (batch_size, *inputs),
+                                               (batch_size, *outputs), jnp.float32)
+            if measured:
+                held = "as views" if layout == "views" else "written out"
+                how = f" (patches {held}; measured)"
+        rules[scope] = f"{kind}: {form} over {positions} positions{how}"
     return rules
 
 

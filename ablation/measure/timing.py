@@ -192,8 +192,9 @@ def time_cell(cell: CellConfig, noise_multiplier: float, *, clipped_sum: Callabl
         fields.update(sampler.stats())
     if step.engine.ghost is not None and cell.private:  # how each layer was clipped
         from ablation.core.clipping import layer_rules
+        rows = first.x.shape[first.x.ndim - data.x.ndim] // cell.devices  # each device's batch
         fields["ghost_rules"] = layer_rules(model.loss, params, data.x[0], data.y[0],
-                                            cell.ghost_fallback)
+                                            cell.ghost_fallback, batch_size=rows)
     return fields
 
 
