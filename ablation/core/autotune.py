@@ -67,11 +67,6 @@ def fastest(key: Hashable, candidates: Mapping[str, Callable[..., object]],
     return name
 
 
-def chosen(key: Hashable) -> str | None:
-    """What :func:`fastest` chose for ``key`` in this process, or None."""
-    return _CHOSEN[key][0] if key in _CHOSEN else None
-
-
 def choices() -> dict[Hashable, tuple[str, dict[str, float]]]:
     """Every choice made in this process: ``{key: (name, {candidate: seconds per call})}``."""
     return dict(_CHOSEN)

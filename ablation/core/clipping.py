@@ -94,6 +94,11 @@ def prefers_gram(positions: int, inputs: int, outputs: int) -> bool:
     return positions * positions * (inputs + outputs) < positions * inputs * outputs
 
 
+def flop_form(positions: int, inputs: int, outputs: int) -> str:
+    """The dense rule's form over positions by the flop count: ``gram`` or ``materialised``."""
+    return "gram" if prefers_gram(positions, inputs, outputs) else "materialised"
+
+
 def gram_rounding_bound(aa: jax.Array, gg: jax.Array, inputs: int, outputs: int) -> jax.Array:
     """``[B]``: how far the float32 Gram value ``Σ_ts (a_t·a_s)(g_t·g_s)`` can lie from its
     exact value, whatever order each sum runs in, from the two Gram matrices ``aa = AAᵀ`` and
@@ -157,7 +162,7 @@ def dense_norms(inputs: jax.Array | Patches, grads: jax.Array, names: tuple[str,
     p = g.shape[2]
     shape = weight_shape or (d, p)
     if form is None:
-        form = "gram" if prefers_gram(positions, d, p) else "materialised"
+        form = flop_form(positions, d, p)
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; valid: {', '.join(FORMS)}")
 
@@ -278,7 +283,7 @@ def conv_form(tap: LayerTap, input_shape: tuple[int, ...], output_shape: tuple[i
     positions = int(np.prod(output_shape[1:-1]))
     d = int(np.prod(tap.options["filter_shape"])) * input_shape[-1]
     p = output_shape[-1]
-    model = "gram" if prefers_gram(positions, d, p) else "materialised"
+    model = flop_form(positions, d, p)
     if conv_form_choice() == "model" or positions == 1:
         return "written", model, False
     flops = {"gram": positions * positions * (d + p), "materialised": positions * d * p}
@@ -788,7 +793,7 @@ def layer_rules(loss: LayeredLoss, params: PyTree, x1: Any, y1: Any,
         if positions == 1:
             rules[scope] = kind
             continue
-        form = "gram" if prefers_gram(positions, features, outputs[-1]) else "materialised"
+        form = flop_form(positions, features, outputs[-1])
         how = ""
         if tap.kind == "conv" and batch_size is not None:
             layout, form, measured = conv_form(tap, (batch_size, *inputs),
