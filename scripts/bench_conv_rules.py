@@ -26,16 +26,10 @@ sys.path.insert(0, str(ROOT))
 
 def _median_ms(calls: dict, rounds: int) -> dict[str, float]:
     import numpy as np
+    from ablation.core.autotune import interleaved_rounds
     for fn in calls.values():
         fn()
-    times = {k: [] for k in calls}
-    for _ in range(rounds):
-        for k, fn in calls.items():
-            start, n = time.perf_counter(), 0
-            while n == 0 or time.perf_counter() - start < 0.05:
-                fn()
-                n += 1
-            times[k].append((time.perf_counter() - start) / n)
+    times = interleaved_rounds(calls, rounds=rounds, round_s=0.05)
     return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
 
 

@@ -12,17 +12,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ablation.core.autotune import median_ms as bench
 from jax import lax
 from ablation.core.clipping import gram_rounding_bound, HIGHEST
 B, T, d, p = [int(v) for v in sys.argv[1:5]]
-def bench(f, *a, n=30):
-    f = jax.jit(f); jax.block_until_ready(f(*a))
-    ts = []
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(n): out = f(*a)
-        jax.block_until_ready(out); ts.append((time.perf_counter() - t) / n)
-    return 1e3 * float(np.median(ts))
 k1, k2 = jax.random.split(jax.random.key(0))
 a = jax.random.normal(k1, (B, T, d)); g = jax.random.normal(k2, (B, T, p))
 def gram(a, g, prec=None):

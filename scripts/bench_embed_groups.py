@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ablation.core.autotune import median_ms as bench
+
 from ablation.core.clipping import _group_repeated_ids
 D = 16
 
@@ -38,14 +40,6 @@ def sums_chunked(ids, g, V, chunk):
     sums = jnp.zeros(g.shape, g.dtype).at[rows, group].add(g)
     return jnp.sum(sums**2, axis=(1, 2))
 
-def bench(f, *a, n=100):
-    f = jax.jit(f); jax.block_until_ready(f(*a))
-    best = []
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(n): out = f(*a)
-        jax.block_until_ready(out); best.append((time.perf_counter() - t) / n)
-    return 1e3 * float(np.median(best))
 
 for B, T, V in [(64, 256, 10004), (256, 256, 10004), (64, 16, 10004), (256, 32, 10004), (64, 256, 1000), (64, 256, 50000), (256, 128, 30000)]:
     ids = jax.random.randint(jax.random.key(0), (B, T), 0, V)

@@ -28,15 +28,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def _median_seconds(calls: dict[str, callable], n: int) -> dict[str, float]:
+    """One call per round (the noise draws are short next to a round's bookkeeping)."""
     import numpy as np
-    times = {name: [] for name in calls}
+    from ablation.core.autotune import interleaved_rounds
     for call in calls.values():  # warm up (compile) first
         call()
-    for _ in range(n):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
+    times = interleaved_rounds(calls, rounds=n, round_s=0.0)
     return {name: float(np.median(t)) for name, t in times.items()}
 
 

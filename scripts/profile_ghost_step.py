@@ -33,15 +33,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def _time(calls: dict, rounds: int) -> dict:
+    """Median ms per call, one call per interleaved round."""
     import numpy as np
+    from ablation.core.autotune import interleaved_rounds
     for fn in calls.values():
         fn()
-    times = {k: [] for k in calls}
-    for _ in range(rounds):
-        for k, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - start)
+    times = interleaved_rounds(calls, rounds=rounds, round_s=0.0)
     return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
 
 

@@ -97,6 +97,45 @@ def test_failed_cells_are_not_numbers(tmp_path):
         analysis.require(timing, engine_label=["both"], model=["ffnn"], batch_size=[64])
 
 
+def test_unmeasured_cells_are_marked_where_their_bars_would_stand(tmp_path):
+    """Guide item 2: a refused, crashed or out-of-memory cell never vanishes from a figure;
+    it is named at its bar's slot and listed in the marks' CSV, and a cell with an ok record
+    beside a failed one is measured, not marked."""
+    root = write_fixture(tmp_path / "results", models=("cnn",), batches=(16, 64))
+    failures = {"ghost16": timing_record("ghost", "cnn", 16, True, status="error"),
+                "ghost64": timing_record("ghost", "cnn", 64, True, status="error"),
+                "opacus64": timing_record("opacus", "cnn", 64, True, status="oom"),
+                "both16": timing_record("both", "cnn", 16, True, status="error")}
+    for record in (failures["ghost16"], failures["ghost64"]):
+        record["error"] = "GhostUnsupported: ghost: parameter w is used twice"
+    failures["both16"]["error"] = "worker killed by SIGSEGV"
+    for name, record in failures.items():
+        record.update(median_epoch_s=None, started_at="2020-01-01T00:00:00+00:00",
+                      finished_at="2020-01-01T00:00:00+00:00")
+        results.write_json(root / name / "result.json", record)
+    frame = results.load([root])
+    unmeasured = analysis.unmeasured_cells(frame)
+    assert sorted(zip(unmeasured["engine_label"], unmeasured["batch_size"],
+                      unmeasured["outcome"])) == [("ghost", 16, "refused"),
+                                                  ("ghost", 64, "refused")]
+    # the fixture's opacus cnn 64 and both cnn 16 are ok: those failures are not news
+    timing = analysis.timing_frame(frame)
+    fig = figures.runtimes(timing, "cnn", unmeasured=unmeasured)
+    private = fig.axes[0]
+    labels = [t.get_text() for t in private.get_xticklabels()]
+    assert "ghost" in labels
+    words = [t for t in private.texts if t.get_text() == "refused"]
+    assert len(words) == 2
+    slot = labels.index("ghost")
+    assert sorted(round(t.get_position()[0] - slot, 3) for t in words) == [-0.2, 0.2]
+    table = fig.ablation_marks
+    assert set(table.loc[table["outcome"] == "refused", "batch_size"]) == {16, 64}
+    figures.plt.close(fig)
+    assert analysis.outcome("oom", None) == "out of memory"
+    assert analysis.outcome("error", "worker killed by SIGKILL") == "crashed"
+    assert analysis.outcome("error", "ValueError: bad") == "failed"
+
+
 def test_runtimes_figure_panels_and_bar_heights(frames):
     timing, _ = frames
     fig = figures.runtimes(timing, "cnn")

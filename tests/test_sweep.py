@@ -389,3 +389,19 @@ def test_summary_command_compares_two_folders(tmp_path):
     assert md.stdout.startswith("| engine | model |")
     empty = run_cli("ablation.summary", str(tmp_path / "nothing"), output_dir=tmp_path)
     assert empty.returncode == 2 and "no such folder" in empty.stderr
+
+
+def test_a_record_whose_worker_died_keeps_the_machine_of_its_family(monkeypatch):
+    """A worker killed by a signal reports no environment; its record takes the framework's
+    (devices included), so it stays in its sweep's family and figures mark the cell, and
+    falls back to what the parent knows when even that cannot be asked."""
+    from ablation.sweep import jobs
+    jobs.machine_env.cache_clear()
+    env = jobs._failed_env("both")
+    assert env["platform"] == "cpu" and env["device_count"] >= 1 and env["git_sha"]
+
+    def unreachable(engine):
+        raise RuntimeError("could not query the machine")
+    monkeypatch.setattr(jobs, "machine_env", unreachable)
+    fallback = jobs._failed_env("both")
+    assert "platform" not in fallback and fallback["git_sha"] == env["git_sha"]

@@ -48,23 +48,47 @@ def fastest(key: Hashable, candidates: Mapping[str, Callable[..., object]],
             jax.block_until_ready(compiled[name](*inputs))  # first calls allocate
         except Exception:  # noqa: BLE001 (any failure just rules the candidate out)
             compiled.pop(name, None)
-    best = {name: float("inf") for name in compiled}
-    start_all = time.perf_counter()
-    for _ in range(ROUNDS):
-        for name, fn in compiled.items():
-            calls, start = 0, time.perf_counter()
-            while True:
-                jax.block_until_ready(fn(*inputs))
-                calls += 1
-                elapsed = time.perf_counter() - start
-                if elapsed >= ROUND_S:
-                    break
-            best[name] = min(best[name], elapsed / calls)
-        if time.perf_counter() - start_all > BUDGET_S:  # slow candidates: one round will do
-            break
+    rounds = interleaved_rounds(
+        {name: (lambda fn=fn: jax.block_until_ready(fn(*inputs))) for name, fn in compiled.items()},
+        rounds=ROUNDS, round_s=ROUND_S, budget_s=BUDGET_S)
+    best = {name: min(times) for name, times in rounds.items()}
     name = min(best, key=best.get) if best else default
     _CHOSEN[key] = (name, best)
     return name
+
+
+def interleaved_rounds(calls: Mapping[str, Callable[[], object]], *, rounds: int,
+                       round_s: float, budget_s: float | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each of ``calls`` (each blocks until its work is done), in
+    ``rounds`` interleaved rounds: a round runs each call until ``round_s`` seconds have passed
+    (at least once), so a drifting machine slows every candidate alike. No new round starts
+    once ``budget_s`` seconds have passed. Warm the calls up (compile) first."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    start_all = time.perf_counter()
+    for _ in range(rounds):
+        for name, call in calls.items():
+            count, start = 0, time.perf_counter()
+            while True:
+                call()
+                count += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= round_s:
+                    break
+            times[name].append(elapsed / count)
+        if budget_s is not None and time.perf_counter() - start_all > budget_s:
+            break
+    return times
+
+
+def median_ms(fn: Callable[..., object], *args: object, rounds: int = 5,
+              round_s: float = 0.05) -> float:
+    """Milliseconds per call of ``jit(fn)(*args)``: the median of interleaved rounds (for the
+    benchmark scripts, which time one form at a time)."""
+    compiled = jax.jit(fn)
+    call = lambda: jax.block_until_ready(compiled(*args))  # noqa: E731
+    call()
+    return 1e3 * float(np.median(interleaved_rounds({"f": call}, rounds=rounds,
+                                                    round_s=round_s)["f"]))
 
 
 def choices() -> dict[Hashable, tuple[str, dict[str, float]]]:

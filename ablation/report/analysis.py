@@ -153,8 +153,48 @@ def timing_frame(records_frame: pd.DataFrame, *, ok_only: bool = True) -> pd.Dat
     columns = [*CELL, "system", "engine", "framework", "device", "family", "identity", "experiment",
                "status", "compile_s", "first_step_s", "first_epoch_s", "median_step_s",
                "iqr_step_s", "steps_timed", "throughput_step_s", "median_epoch_s",
-               "epoch_estimated", "spread", "epsilon", "n_params", "started_at", "path"]
+               "epoch_estimated", "spread", "epsilon", "n_params", "started_at", "error", "path"]
     return frame[[c for c in columns if c in frame]].reset_index(drop=True)
+
+
+#: How a figure names a cell that has records but no ok one, by the newest record's status.
+OUTCOMES = {"oom": "out of memory", "timeout": "timed out", "crash": "crashed"}
+
+
+def outcome(status: Any, error: Any) -> str:
+    """A short word for why a cell has no measurement: ``refused`` (the engine declined the
+    network: an ``...Unsupported`` error), ``out of memory``, ``timed out``, ``crashed`` (a
+    worker killed by a signal) or ``failed``."""
+    text = "" if error is None or error != error else str(error)
+    if status in OUTCOMES:
+        return OUTCOMES[status]
+    if re.match(r"^\w*Unsupported\b", text):
+        return "refused"
+    if "killed by SIG" in text:
+        return "crashed"
+    return "failed"
+
+
+def unmeasured_cells(records_frame: pd.DataFrame) -> pd.DataFrame:
+    """The timing cells of each family that have records but no ok one (refused, failed, out
+    of memory, timed out), one row each with the newest record's ``status``, ``error`` and
+    :func:`outcome`; figures mark them where their bar would stand, so that no cell vanishes
+    without a word."""
+    with warnings.catch_warnings():  # an ok record beside a failed one is not news here
+        warnings.simplefilter("ignore", DuplicateRecords)
+        every = timing_frame(records_frame, ok_only=False)
+    if every.empty:
+        return every.assign(outcome=pd.Series(dtype=str))
+    ok = timing_frame(records_frame)
+    keys = ["family", *CELL]
+    measured = set(map(tuple, ok[keys].astype(str).values)) if len(ok) else set()
+    failed = every[every["status"] != "ok"]
+    unmatched = np.array([tuple(row) not in measured for row in failed[keys].astype(str).values],
+                         dtype=bool)  # (an empty list would select no columns)
+    failed = failed[unmatched]
+    return failed.assign(outcome=[outcome(s, e) for s, e in
+                                  zip(failed["status"], failed.get("error", [None] * len(failed)))]
+                         ).reset_index(drop=True)
 
 
 def memory_frame(records_frame: pd.DataFrame) -> pd.DataFrame:

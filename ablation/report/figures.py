@@ -110,9 +110,10 @@ def _label_bars(ax, fmt: str | None = None) -> None:
 
 
 def _headroom(ax) -> None:
-    """Room above the tallest bar of a log axis for its rotated label."""
+    """Room above the tallest bar for its rotated label (a factor on a log axis, a fraction
+    of the span on a linear one)."""
     low, high = ax.get_ylim()
-    ax.set_ylim(low, high * 6)
+    ax.set_ylim(low, high * 6 if ax.get_yscale() == "log" else high + 0.18 * (high - low))
 
 
 def _device_title(frame: pd.DataFrame) -> str:
@@ -134,12 +135,15 @@ def _epoch_axis(frame: pd.DataFrame) -> str:
 
 
 def runtimes(frame: pd.DataFrame, model: str, *, batch_sizes: Sequence[int] | None = None,
-             systems: Sequence[str] | None = None) -> plt.Figure:
+             systems: Sequence[str] | None = None,
+             unmeasured: pd.DataFrame | None = None) -> plt.Figure:
     """Median epoch time per engine/framework, hue = batch size; the private panel above the
     non-private one.
 
     The paper's Figures 1–11 for one model. ``batch_sizes``/``systems`` pin the cells drawn
-    (each must exist); by default every cell of the model in ``frame`` is drawn.
+    (each must exist); by default every cell of the model in ``frame`` is drawn. The cells of
+    ``unmeasured`` (:func:`ablation.report.analysis.unmeasured_cells`) are marked where their
+    bar would stand (``refused``, ``out of memory``, ...) and listed in the marks' CSV.
     """
     data = analysis.one_family(frame)
     data = data[data["model"] == model].copy()
@@ -153,6 +157,10 @@ def runtimes(frame: pd.DataFrame, model: str, *, batch_sizes: Sequence[int] | No
                     & data["batch_size"].isin(batch_sizes or data["batch_size"].unique())]
     table = marks(data, ["private", "system", "batch_size"], ["median_epoch_s", "epoch_estimated"],
                   f"runtimes of {model}")
+    missing = _unmeasured_of(unmeasured, data, model, systems, batch_sizes)
+    if len(missing):
+        table = pd.concat([table, missing[["private", "system", "batch_size", "outcome", "path"]]],
+                          ignore_index=True)
     panels = [p for p in (True, False) if (data["private"] == p).any()]
     # Panels stacked, each as wide as its bars need: readable labels at every width.
     width = max(6.0, 0.62 * max(data[data["private"] == p]["system"].nunique() for p in panels)
@@ -163,9 +171,11 @@ def runtimes(frame: pd.DataFrame, model: str, *, batch_sizes: Sequence[int] | No
     colours = dict(zip(hue_order, sns.color_palette("viridis", len(hue_order))))
     for ax, private in zip(axes[:, 0], panels):
         part = data[data["private"] == private]
+        gone = missing[missing["private"] == private]
         present = [b for b in hue_order if (part["batch_size"] == b).any()]
+        order = _order([*part["system"].unique(), *gone["system"].unique()])
         sns.barplot(part, x="system", y="median_epoch_s", hue="batch_size", ax=ax,
-                    order=_order(part["system"].unique()), hue_order=present,
+                    order=order, hue_order=present,
                     palette={b: colours[b] for b in present}, errorbar=None)
         ax.set_yscale("log")
         ax.set_title(f"{model}, {'private (DP-SGD)' if private else 'non-private (SGD)'}",
@@ -177,10 +187,46 @@ def runtimes(frame: pd.DataFrame, model: str, *, batch_sizes: Sequence[int] | No
         ax.set_ylabel(_epoch_axis(part))
         ax.legend(title="batch size", fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         _label_bars(ax)
+        _mark_unmeasured(ax, gone, order, present)
         _headroom(ax)
     fig.suptitle(f"Runtime per epoch{_device_title(data)}", fontsize=10)
     fig.tight_layout()
     return _with_marks(fig, table)
+
+
+def _unmeasured_of(unmeasured: pd.DataFrame | None, data: pd.DataFrame, model: str,
+                   systems: Sequence[str] | None,
+                   batch_sizes: Sequence[int] | None) -> pd.DataFrame:
+    """The unmeasured cells of ``data``'s family and ``model`` among the pinned ones."""
+    columns = ["private", "system", "batch_size", "outcome", "path"]
+    if unmeasured is None or unmeasured.empty:
+        return pd.DataFrame(columns=columns)
+    gone = unmeasured[unmeasured["family"].isin(data["family"].unique())
+                      & (unmeasured["model"] == model)].copy()
+    gone["system"] = _system(gone) if len(gone) else []
+    if systems is not None:
+        gone = gone[gone["system"].isin(systems)]
+    if batch_sizes is not None:
+        gone = gone[gone["batch_size"].isin(batch_sizes)]
+    return gone[columns].reset_index(drop=True)
+
+
+def _mark_unmeasured(ax, gone: pd.DataFrame, order: Sequence[str],
+                     present: Sequence[int]) -> None:
+    """A rotated word (``refused``, ``out of memory``...) at the foot of each missing bar's
+    slot (seaborn dodges ``len(present)`` hues over a width of 0.8), or of its engine's slot
+    when no drawn bar has its batch size."""
+    from matplotlib.transforms import blended_transform_factory
+    foot = blended_transform_factory(ax.transData, ax.transAxes)
+    for _, row in gone.iterrows():
+        x = order.index(row["system"])
+        if row["batch_size"] in present:
+            x += -0.4 + 0.8 * (list(present).index(row["batch_size"]) + 0.5) / len(present)
+            text = row["outcome"]
+        else:
+            text = f"B={row['batch_size']}: {row['outcome']}"
+        ax.text(x, 0.02, text, transform=foot, rotation=90, fontsize=7, ha="center",
+                va="bottom", color="firebrick")
 
 
 def ablation(frame: pd.DataFrame, *, batch_size: int, models: Sequence[str] | None = None,
@@ -371,6 +417,7 @@ def overhead(frame: pd.DataFrame, *, engine: str = "both",
     for container in ax.containers:
         ax.bar_label(container, labels=[format_ratio(v) for v in container.datavalues],
                      fontsize=7, padding=1, rotation=90)
+    _headroom(ax)
     ax.set_xlabel("model")
     ax.set_ylabel("private ÷ non-private epoch time (×)")
     ax.set_title(f"Cost of privacy, engine {engine}{_device_title(table)}", fontsize=9)
@@ -429,12 +476,14 @@ def draw_all(roots: Sequence[str | Path], out: str | Path,
         raise analysis.NoRecords(f"no result records (result.json) under "
                                  f"{', '.join(map(str, roots))}")
     timing, memory = analysis.timing_frame(frame), analysis.memory_frame(frame)
+    unmeasured = analysis.unmeasured_cells(frame)
     skipped = [] if skipped is None else skipped
     written: list[Path] = []
     folders: list[tuple[str, str, Path, pd.DataFrame]] = []
     for device, family, t in analysis.groups(timing):
         folder = Path(out) / slug(device) / family
-        jobs = [(f"runtimes_{model}", lambda model=model: runtimes(t, model))
+        jobs = [(f"runtimes_{model}",
+                 lambda model=model: runtimes(t, model, unmeasured=unmeasured))
                 for model in analysis.models_in(t)]
         choice = best_ablation_batch(t)
         if choice:

@@ -113,11 +113,11 @@ def base_record(cell: CellConfig, config: Mapping[str, Any], kind: str,
 
 
 @functools.lru_cache(maxsize=16)
-def current_machine(engine: str) -> dict[str, Any]:
-    """This machine's identity for ``engine``'s framework, as its records would carry it.
+def machine_env(engine: str) -> dict[str, Any]:
+    """This machine's environment as ``engine``'s framework reports it (devices included).
 
-    A worker reports the environment (the parent never touches the accelerator), once per
-    framework and process, in a folder of its own (jobs that run at once never share files).
+    A worker reports it (the parent never touches the accelerator), once per framework and
+    process, in a folder of its own (jobs that run at once never share files).
     """
     with tempfile.TemporaryDirectory(prefix="dpsgd-environment-") as folder:
         outcome = run_worker({"task": "environment", "engine": engine}, Path(folder),
@@ -126,8 +126,22 @@ def current_machine(engine: str) -> dict[str, Any]:
     if outcome.result.get("status") != "ok":
         raise RuntimeError(f"could not query the machine: {outcome.result.get('error')}")
     # as its records carry it: the accountant is this process's (see run_job)
-    env = {**outcome.result["env"], "dp_accounting": _version("dp-accounting")}
-    return machine_identity(env, engine)
+    return {**outcome.result["env"], "dp_accounting": _version("dp-accounting")}
+
+
+def current_machine(engine: str) -> dict[str, Any]:
+    """This machine's identity for ``engine``'s framework, as its records would carry it."""
+    return machine_identity(machine_env(engine), engine)
+
+
+def _failed_env(engine: str) -> dict[str, Any]:
+    """The environment of a record whose worker died before reporting one: the framework's
+    (so the record stays in its sweep's family and figures mark the cell), else what the
+    parent knows without touching the devices."""
+    try:
+        return dict(machine_env(engine))
+    except Exception:  # noqa: BLE001 - the framework may be what failed
+        return environment(devices=False)
 
 
 def skip_if_done(record: Mapping[str, Any], job_dir: Path, resume_root: Path) -> dict | None:
@@ -246,7 +260,7 @@ def _timing_job(cell: CellConfig, config: Mapping[str, Any], job_dir: str | Path
         if record.get("env"):  # epsilon is accounted here, not in the worker's environment
             record["env"] = {**record["env"], "dp_accounting": _version("dp-accounting")}
     if not record.get("env"):
-        record["env"] = environment(devices=False)
+        record["env"] = _failed_env(cell.engine)
     finish(record, job_dir)
     print(describe(record), flush=True)
     return record
