@@ -10,7 +10,7 @@ ARGS ?=
 # Folders of records that `make figures` draws (one run or sweep folder, or all of outputs/).
 RUNS ?= outputs
 
-.PHONY: venv torch tf run cell memory check test test-all figures notebooks lab paper clean
+.PHONY: venv torch tf run cell memory check test test-slow test-all figures notebooks lab paper clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -54,6 +54,9 @@ check: venv  ## the quick loop (< 3 min): imports, layout, core oracle tests, a 
 
 test: torch tf  ## the default suite (slow tests excluded), every extra installed
 	$(PY) -m pytest -m "not slow" $(ARGS)
+
+test-slow: torch tf  ## the slow tests alone (.ci/run runs them after `make test`)
+	$(PY) -m pytest -m slow $(ARGS)
 
 test-all: torch tf
 	$(PY) -m pytest $(ARGS)

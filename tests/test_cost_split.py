@@ -23,7 +23,8 @@ from tests.conftest import flatten, small_batch
 
 
 @pytest.mark.parametrize("mode", ["bookkeeping", "two_pass"])
-@pytest.mark.parametrize("name", ["cnn", "embed", "vit"])
+@pytest.mark.parametrize("name", ["cnn", "embed",
+                                  pytest.param("vit", marks=pytest.mark.slow)])  # ~20 s each
 def test_the_unclipped_ghost_sum_is_the_plain_gradient_sum(name, mode):
     """The variant with the norms taken away weights every kept example by exactly 1."""
     model = get_model(name)

@@ -210,6 +210,7 @@ def test_one_sweep_holds_every_framework(tmp_path):
     assert "microbatch" in frame.set_index("engine").loc["pyvacy", "implementation"]
 
 
+@pytest.mark.slow  # ~2 min; every framework on a paper model stays in the default suite
 def test_one_sweep_holds_every_row_on_the_vit(tmp_path):
     """Issue 24: every engine and every framework row on an encoder in one tiny sweep; BackPACK,
     which has no extension for LayerNorm, is an error record that quotes it."""

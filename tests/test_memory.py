@@ -213,6 +213,7 @@ def test_probe_finds_a_maximum_that_fits_and_the_next_size_does_not(tmp_path, mo
     assert list(frame["kind"]) == ["memory"] and frame["max_batch_size"].iloc[0] == best
 
 
+@pytest.mark.slow  # ~20 s; the compiled probe stays in the default suite
 def test_non_jit_engine_probe(tmp_path):
     _, _, record = _probe(tmp_path, "ffnn", engine="vmap", start=512, resolution=0.5)
     assert record["status"] == "ok" and record["max_batch_size"] >= 256

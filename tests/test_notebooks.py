@@ -20,6 +20,7 @@ def test_the_four_notebooks_exist():
                                      "04_own_model.ipynb"]
 
 
+@pytest.mark.slow  # ~1 min; the own-model sweep itself is test_own_model's
 def test_the_own_model_notebook_runs_its_sweep_and_draws_it(tmp_path, monkeypatch):
     monkeypatch.setenv("DPSGD_OWN_MODEL_RUNS", str(tmp_path / "runs"))
     path = ALL[-1]

@@ -158,6 +158,7 @@ def test_the_example_runs_through_every_engine_from_another_folder(workdir):
     assert "small_transformer" in proc.stdout  # the summary names the model as its author did
 
 
+@pytest.mark.slow  # ~20 s; resume is tested in the default suite
 def test_a_change_to_the_users_module_makes_resume_run_again(workdir):
     cell = [*TINY_EXAMPLE, "engine=both", *QUICK, "resume=true"]
     first = _run(workdir, "ablation.run", *cell)

@@ -101,6 +101,7 @@ def test_same_weights_same_logits():
                                    atol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow  # ~20 s; test_frameworks sweeps every framework
 def test_sweep_with_opacus_beside_jax(tmp_path):
     proc = run_cli("ablation.run", "-m", "engine=both,opacus", "model=ffnn", "batch_size=16",
                    "private=true,false", "data.limit=512", *QUICK, output_dir=tmp_path)
