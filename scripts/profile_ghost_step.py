@@ -94,9 +94,11 @@ def _rows(name: str, batch: int) -> dict[str, dict]:
         compiled = jax.jit(fn).lower(*a).compile()
         return lambda: jax.block_until_ready(compiled(*a))
 
-    total = lambda p: jnp.sum(model.loss.batch_losses(p, x, y))  # noqa: E731
-    tapped = lambda p: clipping._tapped_pass(model.loss, p, x, y)[1:3]  # noqa: E731
-    clipped = lambda p: clipping.ghost_clipped_sum(model.loss, p, x, y, 1.0)  # noqa: E731
+    # The batch is an argument, never a closed-over constant: XLA would fold everything that
+    # depends on it alone (the conv patches) into the executable and flatter the ghost rows.
+    total = lambda p, x, y: jnp.sum(model.loss.batch_losses(p, x, y))  # noqa: E731
+    tapped = lambda p, x, y: clipping._tapped_pass(model.loss, p, x, y)[1:3]  # noqa: E731
+    clipped = lambda p, x, y: clipping.ghost_clipped_sum(model.loss, p, x, y, 1.0)  # noqa: E731
 
     net = torch_nets.build(name, dp_lstm=False)
     if name != "lstm":  # values do not change the time; nn.LSTM's layout differs from DPLSTM's
@@ -114,11 +116,11 @@ def _rows(name: str, batch: int) -> dict[str, dict]:
         net.zero_grad(set_to_none=True)
         criterion(net(tx), ty).backward()
 
-    rows = {"forward": {"xla": run(total, params), "torch": torch_forward},
-            "non-private gradient": {"xla": run(jax.grad(total), params), "torch": torch_grad},
-            "ghost: tapped pass (no weight gradients)": {"xla": run(tapped, params),
+    rows = {"forward": {"xla": run(total, params, x, y), "torch": torch_forward},
+            "non-private gradient": {"xla": run(jax.grad(total), params, x, y), "torch": torch_grad},
+            "ghost: tapped pass (no weight gradients)": {"xla": run(tapped, params, x, y),
                                                          "torch": None},
-            "ghost: clipped sum (tapped pass, norms, sum)": {"xla": run(clipped, params),
+            "ghost: clipped sum (tapped pass, norms, sum)": {"xla": run(clipped, params, x, y),
                                                              "torch": None}}
 
     def layer_rows(fn, x_layer, module, tx_layer):
