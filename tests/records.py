@@ -6,7 +6,8 @@ from pathlib import Path
 
 from ablation.report.records import SCHEMA, write_json
 
-ENGINE_FACTOR = {"both": 1.0, "jit": 3.0, "vmap": 20.0, "none": 400.0, "opacus": 2.0}
+ENGINE_FACTOR = {"both": 1.0, "jit": 3.0, "vmap": 20.0, "none": 400.0, "opacus": 2.0,
+                 "ghost": 0.5}
 MODEL_BASE = {"logreg": 0.2, "ffnn": 0.5, "cnn": 4.0, "embed": 2.0, "lstm": 30.0, "cifar10": 50.0}
 ENV = {"jax": "0.x", "jaxlib": "0.x", "haiku": "0.x", "optax": "0.x", "platform": "cpu",
        "device_kind": "cpu", "device_count": 1, "cpu_count": 2, "cpu_model": "Test CPU",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from ablation.report import analysis, figures
@@ -237,6 +238,19 @@ def test_draw_all_writes_png_and_pdf_per_device_and_family(tmp_path):
                for n in names)
     assert all(p.stat().st_size > 1000 for p in written if p.suffix in (".png", ".pdf"))
     assert all(p.with_suffix(".csv").exists() for p in written if p.suffix == ".png")
+
+
+def test_draw_all_draws_the_ghost_engines_cost_of_privacy_beside_boths(tmp_path):
+    """Its non-private baseline is the stack's one plain step (both's), as in the summary."""
+    root = write_fixture(tmp_path / "results", models=("ffnn",), batches=(16,))
+    record = timing_record("ghost", "ffnn", 16, True)
+    results.write_json(root / "ghost" / "result.json", dict(record, median_epoch_s=2.6))
+    written = figures.draw_all([root], tmp_path / "figs")
+    names = {p.name for p in written}
+    assert {"privacy_overhead.png", "privacy_overhead_ghost.png"} <= names
+    table = pd.read_csv(next(p for p in written if p.name == "privacy_overhead_ghost.csv"))
+    baseline = epoch_seconds("both", "ffnn", 16, False)
+    assert table["overhead"].tolist() == pytest.approx([2.6 / baseline])
 
 
 def test_empty_or_missing_folder_says_so(tmp_path):

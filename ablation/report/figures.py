@@ -492,8 +492,11 @@ def draw_all(roots: Sequence[str | Path], out: str | Path,
                          lambda: decomposition(t, batch_size=choice[0], models=choice[1])))
         if t["compile_s"].notna().any():
             jobs.append(("compile_times", lambda: compile_times(t)))
-        if not analysis.privacy_overhead(t).query("engine_label == 'both'").empty:
+        pairs = analysis.privacy_overhead(t)
+        if not pairs.query("engine_label == 'both'").empty:
             jobs.append(("privacy_overhead", lambda: overhead(t)))
+        if not pairs.query("engine_label == 'ghost'").empty:  # the engine built to cut it
+            jobs.append(("privacy_overhead_ghost", lambda: overhead(t, engine="ghost")))
         written += _save_all(jobs, folder, device, family, skipped)
         folders.append((device, family, folder, t))
     for device, family, m in analysis.groups(memory):
