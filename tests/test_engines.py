@@ -364,9 +364,10 @@ def _memory_gib() -> float:
         return math.inf
 
 
-#: The static unroll's compile holds ~20 GB at its peak.
+#: The static unroll's compile holds ~20 GB at its peak and takes over 15 minutes.
 _STATIC_LSTM = pytest.param("static", marks=[
-    pytest.mark.slow, pytest.mark.skipif(_memory_gib() < 22, reason="needs ~20 GB of memory")])
+    pytest.mark.slow, pytest.mark.heavy,
+    pytest.mark.skipif(_memory_gib() < 22, reason="needs ~20 GB of memory")])
 
 
 @pytest.mark.parametrize("unroll", [_STATIC_LSTM, "dynamic"])
