@@ -49,7 +49,8 @@ def max_pool_2x2_s1(x: jax.Array) -> jax.Array:
     The forward keeps, as its residual, which window position each output took (one byte per
     output): a backward that re-derived it from the input and the output let XLA fuse the
     forward's layer (conv, bias, ReLU) into the routing and evaluate it once per window
-    position and test (5× slower under the ghost engine's vmapped per-example pass).
+    position and test (that fusion ran several times slower in the ghost engine's vmapped
+    per-example pass; the whole step gains a few per cent).
     """
     return _max_of_views(x)[0]
 
