@@ -24,15 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _median_ms(calls: dict, rounds: int) -> dict[str, float]:
-    import numpy as np
-    from ablation.core.autotune import interleaved_rounds
-    for fn in calls.values():
-        fn()
-    times = interleaved_rounds(calls, rounds=rounds, round_s=0.05)
-    return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench_conv_rules.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,6 +32,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     import jax
+
+    from ablation.core.autotune import medians_ms
     import jax.numpy as jnp
 
     from ablation.core import clipping
@@ -67,7 +60,7 @@ def main(argv: list[str]) -> int:
                     for form in clipping.FORMS:
                         run = _layer_call(clipping, tap, ins, outs, layout, form)
                         calls[f"{layout}/{form}"] = run
-                ms = _median_ms(calls, args.rounds)
+                ms = medians_ms(calls, rounds=args.rounds, round_s=0.05)
                 best = min(ms, key=ms.get)
                 cells = "  ".join(f"{k}={v:.2f}" for k, v in ms.items())
                 print(f"{name} B={batch} {scope} in {ins[2:]} out {outs[2:]}: {cells}  "
@@ -80,7 +73,7 @@ def main(argv: list[str]) -> int:
                                    ).lower(params, x, y).compile()
                 steps[choice] = (lambda c: lambda: jax.block_until_ready(c(params, x, y)))(
                     compiled)
-            ms = _median_ms(steps, args.rounds)
+            ms = medians_ms(steps, rounds=args.rounds, round_s=0.05)
             print(f"{name} B={batch} whole clipped sum: model {ms['model']:.2f}, measured "
                   f"{ms['measured']:.2f} (measured/model {ms['measured'] / ms['model']:.2f}x)",
                   flush=True)

@@ -29,12 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 def _median_seconds(calls: dict[str, callable], n: int) -> dict[str, float]:
     """One call per round (the noise draws are short next to a round's bookkeeping)."""
-    import numpy as np
-    from ablation.core.autotune import interleaved_rounds
-    for call in calls.values():  # warm up (compile) first
-        call()
-    times = interleaved_rounds(calls, rounds=n, round_s=0.0)
-    return {name: float(np.median(t)) for name, t in times.items()}
+    from ablation.core.autotune import medians_ms
+    return {name: ms / 1e3 for name, ms in medians_ms(calls, rounds=n, round_s=0.0).items()}
 
 
 def main(argv: list[str]) -> int:

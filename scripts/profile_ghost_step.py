@@ -32,16 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _time(calls: dict, rounds: int) -> dict:
-    """Median ms per call, one call per interleaved round."""
-    import numpy as np
-    from ablation.core.autotune import interleaved_rounds
-    for fn in calls.values():
-        fn()
-    times = interleaved_rounds(calls, rounds=rounds, round_s=0.0)
-    return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="scripts/profile_ghost_step.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,14 +42,17 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     import jax
+
+    from ablation.core.autotune import medians_ms
     import torch
 
     print(f"jax {jax.__version__}, torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads; B={args.batch}; median ms")
     for name in args.model:
         rows = _rows(name, args.batch)
-        ms = _time({(part, stack): fn for part, fns in rows.items()
-                    for stack, fn in fns.items() if fn is not None}, args.calls)
+        calls = {(part, stack): fn for part, fns in rows.items()
+                 for stack, fn in fns.items() if fn is not None}
+        ms = medians_ms(calls, rounds=args.calls, round_s=0.0)  # one call per round
         print(f"\n{name}")
         print(f"{'part':<44} {'XLA:CPU':>9} {'PyTorch':>9} {'XLA / PyTorch':>14}")
         for part, fns in rows.items():

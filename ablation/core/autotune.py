@@ -80,15 +80,22 @@ def interleaved_rounds(calls: Mapping[str, Callable[[], object]], *, rounds: int
     return times
 
 
+def medians_ms(calls: Mapping[str, Callable[[], object]], *, rounds: int,
+               round_s: float = 0.05) -> dict[str, float]:
+    """Milliseconds per call of each of ``calls`` (blocking), after one warm-up call each:
+    the median of :func:`interleaved_rounds` (the benchmark scripts' timer)."""
+    for call in calls.values():
+        call()
+    times = interleaved_rounds(calls, rounds=rounds, round_s=round_s)
+    return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
+
+
 def median_ms(fn: Callable[..., object], *args: object, rounds: int = 5,
               round_s: float = 0.05) -> float:
-    """Milliseconds per call of ``jit(fn)(*args)``: the median of interleaved rounds (for the
-    benchmark scripts, which time one form at a time)."""
+    """:func:`medians_ms` of ``jit(fn)(*args)`` alone."""
     compiled = jax.jit(fn)
-    call = lambda: jax.block_until_ready(compiled(*args))  # noqa: E731
-    call()
-    return 1e3 * float(np.median(interleaved_rounds({"f": call}, rounds=rounds,
-                                                    round_s=round_s)["f"]))
+    return medians_ms({"f": lambda: jax.block_until_ready(compiled(*args))}, rounds=rounds,
+                      round_s=round_s)["f"]
 
 
 def choices() -> dict[Hashable, tuple[str, dict[str, float]]]:
