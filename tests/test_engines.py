@@ -359,7 +359,8 @@ def _memory_gib() -> float:
     """This machine's memory (``inf`` where /proc/meminfo cannot say)."""
     try:
         with open("/proc/meminfo") as info:
-            return next(int(line.split()[1]) for line in info if line.startswith("MemTotal"))/2**20
+            kib = next(int(line.split()[1]) for line in info if line.startswith("MemTotal"))
+        return kib / 2**20
     except (OSError, StopIteration, ValueError):
         return math.inf
 

@@ -87,6 +87,23 @@ def test_fast_max_pool_has_hk_max_pools_values_and_gradients(ties):
         assert int(jnp.sum(x[:, :-1, :-1] == x[:, 1:, 1:])) > 50  # the case really has ties
 
 
+def test_fast_max_pool_routes_each_gradient_once_and_none_from_a_nan_window():
+    """Each output's gradient reaches exactly one input (never two, even where all four tie),
+    and a window holding a NaN routes nothing: no example's gradient is duplicated or lost to
+    a position it did not come from."""
+    from models.nets import max_pool_2x2_s1
+    x = jnp.zeros((2, 5, 5, 3))  # every window a four-way tie
+    x = x.at[1, 2, 2, 0].set(jnp.nan)  # poisons the four windows that hold it
+    g = jax.random.uniform(jax.random.key(2), (2, 4, 4, 3), minval=1.0, maxval=2.0)
+    grad = jax.vjp(max_pool_2x2_s1, x)[1](g)[0]
+    poisoned = jnp.zeros(g.shape, bool).at[1, 1:3, 1:3, 0].set(True)
+    np.testing.assert_allclose(jnp.sum(grad), jnp.sum(jnp.where(poisoned, 0.0, g)), rtol=1e-6)
+    assert bool(jnp.all(jnp.isfinite(grad)))
+    # ties go to the window's first position (row-major): the top-left of each window
+    np.testing.assert_array_equal(grad[0, :4, :4], g[0])
+    assert float(jnp.abs(grad[0, 4]).sum() + jnp.abs(grad[0, :, 4]).sum()) == 0.0
+
+
 def test_cnn_pool_choices_are_the_same_model():
     fast, xla = get_model("cnn"), get_model("cnn", pool="xla")
     params = fast.init(jax.random.key(0))
