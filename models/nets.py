@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ablation.core.taps import LayerTap, dense_apply, tap_input, tap_output, tap_region
+from ablation.core.rules.recurrent import gate_tap
+from ablation.core.taps import tap_input, tap_output, tap_region
 
 #: Keras' IMDb word index with ``num_words=10_000`` and ``index_from=3`` needs 10,004 rows.
 IMDB_VOCAB_ROWS = 10_004
@@ -191,8 +192,7 @@ class LSTM(hk.Module):
                 outs.append(h)
             hs = jnp.stack(outs, axis=1)
         previous = jnp.concatenate([zeros[:, None], hs[:, :-1]], axis=1)
-        tap_input(scope, LayerTap("dense", dense_apply, ("w", "b")),
-                  jnp.concatenate([x, previous], axis=-1))
+        tap_input(scope, gate_tap(), jnp.concatenate([x, previous], axis=-1))
         return hs
 
 

@@ -8,7 +8,7 @@ flop model's forms against the measured ones.
 Each form computes what a step needs from the layer: the per-example squared norms and the
 clipped sum (the materialised form from its per-example gradients, the Gram form by the
 book-keeping VJP). ``written`` writes the patches out, ``views`` keeps one strided view per
-kernel offset (:mod:`ablation.core.patches`). ``model`` marks the form the flop count picks
+kernel offset (:mod:`ablation.core.rules.patches`). ``model`` marks the form the flop count picks
 (what the rule did before it measured), ``best`` the fastest here.
 """
 
@@ -38,6 +38,7 @@ def main(argv: list[str]) -> int:
 
     from ablation.core import clipping
     from ablation.core.clipping import ghost_clipped_sum
+    from ablation.core.rules import conv, dense
     from models import get_model
 
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}; median ms per call")
@@ -47,18 +48,18 @@ def main(argv: list[str]) -> int:
         for batch in args.batch:
             x = jax.random.uniform(jax.random.key(1), (batch, *model.dataset.input_shape))
             y = jnp.zeros(batch, jnp.int32)
-            os.environ[clipping.CONV_FORMS_ENV] = "model"
+            os.environ[conv.CONV_FORMS_ENV] = "model"
             plan = clipping._plan(model.loss, params, x[0], y[0], "error")
             for scope, tap in plan.layers.items():
                 if tap.kind != "conv":
                     continue
                 ins = (batch, *plan.input_shapes[scope])
                 outs = (batch, *plan.output_shapes[scope].shape)
-                _, model_form, _ = clipping.conv_form(tap, ins, outs)
+                _, model_form, _ = conv.conv_form(tap, ins, outs)
                 calls = {}
-                for layout in clipping.LAYOUTS:
-                    for form in clipping.FORMS:
-                        run = _layer_call(clipping, tap, ins, outs, layout, form)
+                for layout in conv.LAYOUTS:
+                    for form in dense.FORMS:
+                        run = _layer_call(conv, tap, ins, outs, layout, form)
                         calls[f"{layout}/{form}"] = run
                 ms = medians_ms(calls, rounds=args.rounds, round_s=0.05)
                 best = min(ms, key=ms.get)
@@ -67,8 +68,8 @@ def main(argv: list[str]) -> int:
                       f"model=written/{model_form} best={best} "
                       f"(model/best {ms[f'written/{model_form}'] / ms[best]:.2f}x)", flush=True)
             steps = {}
-            for choice in clipping.CONV_FORM_CHOICES:
-                os.environ[clipping.CONV_FORMS_ENV] = choice
+            for choice in conv.CONV_FORM_CHOICES:
+                os.environ[conv.CONV_FORMS_ENV] = choice
                 compiled = jax.jit(lambda p, x, y: ghost_clipped_sum(model.loss, p, x, y, 1.0)
                                    ).lower(params, x, y).compile()
                 steps[choice] = (lambda c: lambda: jax.block_until_ready(c(params, x, y)))(
@@ -80,7 +81,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _layer_call(clipping, tap, ins, outs, layout, form):
+def _layer_call(conv, tap, ins, outs, layout, form):
     """A compiled call of one layer's norms and clipped sum in the given layout and form."""
     import jax
     import jax.numpy as jnp
@@ -90,7 +91,7 @@ def _layer_call(clipping, tap, ins, outs, layout, form):
     c = jnp.linspace(0.1, 1.0, ins[0])
 
     def run(inputs, grads, c):
-        return clipping.conv_layer_work(tap, inputs, grads, c, layout, form)
+        return conv.conv_layer_work(tap, inputs, grads, c, layout, form)
 
     compiled = jax.jit(run)
     return lambda: jax.block_until_ready(compiled(inputs, grads, c))

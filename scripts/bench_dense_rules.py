@@ -15,7 +15,7 @@ import numpy as np
 
 from ablation.core.autotune import median_ms as bench
 from jax import lax
-from ablation.core.clipping import gram_rounding_bound, HIGHEST
+from ablation.core.rules.dense import HIGHEST, gram_rounding_bound
 B, T, d, p = [int(v) for v in sys.argv[1:5]]
 k1, k2 = jax.random.split(jax.random.key(0))
 a = jax.random.normal(k1, (B, T, d)); g = jax.random.normal(k2, (B, T, p))

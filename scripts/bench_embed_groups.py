@@ -2,7 +2,7 @@
 """Time the embedding rule's two ways of grouping equal ids, side by side in one process: a
 per-example sort (``sort``) and tables of first positions over chunks of C examples
 (``chunkC``; chunk1 is what the rule uses), on IMDb's shapes and others. Checks that every way
-gives the same norms. The constants of ``ablation.core.clipping.prefers_buckets`` come from it.
+gives the same norms. The constants of ``ablation.core.rules.embed.prefers_buckets`` come from it.
 
     python scripts/bench_embed_groups.py
 """
@@ -14,7 +14,7 @@ import numpy as np
 
 from ablation.core.autotune import median_ms as bench
 
-from ablation.core.clipping import _group_repeated_ids
+from ablation.core.rules.embed import _group_repeated_ids
 D = 16
 
 def sums_sort(ids, g, V):

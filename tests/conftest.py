@@ -69,6 +69,17 @@ def expected_clipped_sum(engine, loss, params, x, y, per_example, clip_norm, mas
     return reference_clipped_sum(per_example, clip_norm, mask=mask, norms=norms)
 
 
+def contributions(loss, params, x, y, clip) -> np.ndarray:
+    """The norm of what ghost's released sum adds for each example alone (the others padded)."""
+    from ablation import clipped_grad_sum
+    out = []
+    for i in range(x.shape[0]):
+        mask = jnp.zeros(x.shape[0]).at[i].set(1.0)
+        out.append(np.linalg.norm(flatten(clipped_grad_sum("ghost", loss, params, x, y, clip,
+                                                           mask=mask))))
+    return np.array(out)
+
+
 def flatten(tree) -> np.ndarray:
     return np.concatenate([np.ravel(np.asarray(l, np.float64)) for l in jax.tree.leaves(tree)])
 

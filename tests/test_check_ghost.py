@@ -37,6 +37,10 @@ def test_the_command_says_exact_and_names_each_layers_rule(tmp_path):
     assert lines[-1] == "exact"
     assert "  conv2_d_1: conv2d: gram over 25 positions" in lines
     assert "  conv2_d: conv2d: materialised over 196 positions" in lines
+    # the data's batches and the same batches under large shared offsets, against both
+    assert lines[0].endswith("each as data, offset 1e+03, offset 1e+04")
+    assert any("over-clip factor 1.00000" in line for line in lines)
+    assert sum(" vs both " in line for line in lines) == 2
     assert not list(tmp_path.iterdir())  # it writes nothing
 
 

@@ -14,12 +14,13 @@ import pytest
 
 from ablation import clipped_grad_sum
 from ablation.core import autotune, clipping
-from ablation.core.patches import patch_views
+from ablation.core.rules import conv, dense
+from ablation.core.rules.patches import patch_views
 from ablation.core.taps import LayeredLoss
 from models.registry import softmax_cross_entropy
 from tests.conftest import flatten, reference_clipped_sum, reference_per_example_grads
 
-FORMS = list(itertools.product(clipping.LAYOUTS, clipping.FORMS))
+FORMS = list(itertools.product(conv.LAYOUTS, dense.FORMS))
 
 
 def _conv_net(kind: str):
@@ -66,7 +67,7 @@ def test_views_hold_exactly_the_written_patches():
 @pytest.mark.parametrize("layout, form", FORMS)
 def test_every_conv_form_matches_the_float64_oracle(kind, layout, form, monkeypatch):
     loss, params, x, y = _case(kind)
-    monkeypatch.setattr(clipping, "conv_form", lambda *_: (layout, form, True))
+    monkeypatch.setattr(conv, "conv_form", lambda *_: (layout, form, True))
     per_example = reference_per_example_grads(loss, params, x, y)
     np.testing.assert_allclose(
         np.sqrt(np.asarray(clipping.per_example_sq_norms(loss, params, x, y), np.float64)),
@@ -91,7 +92,7 @@ def test_the_gram_form_on_views_never_under_clips_a_large_shared_offset(offset, 
     x = offset + jax.random.normal(jax.random.key(4), (3, 6, 6, 8))
     y = jnp.zeros(3, jnp.int32)
     params = loss.transformed.init(jax.random.key(0), x[:1])
-    monkeypatch.setattr(clipping, "conv_form", lambda *_: ("views", "gram", True))
+    monkeypatch.setattr(conv, "conv_form", lambda *_: ("views", "gram", True))
     per_example = reference_per_example_grads(loss, params, x, y)
     true = np.array([np.linalg.norm(g) for g in per_example])
     ghost = np.sqrt(np.asarray(clipping.per_example_sq_norms(loss, params, x, y), np.float64))
@@ -105,7 +106,7 @@ def test_the_gram_form_on_views_never_under_clips_a_large_shared_offset(offset, 
 
 
 def test_the_measured_choice_is_cached_recorded_and_what_the_step_used(monkeypatch):
-    monkeypatch.setenv(clipping.CONV_FORMS_ENV, "measured")
+    monkeypatch.setenv(conv.CONV_FORMS_ENV, "measured")
     autotune.forget()
     loss, params, x, y = _case("2d", batch=4)
     jax.jit(lambda p: clipping.ghost_clipped_sum(loss, p, x, y, 1.0))(params)
@@ -120,13 +121,13 @@ def test_the_measured_choice_is_cached_recorded_and_what_the_step_used(monkeypat
 
 
 def test_the_flop_model_is_what_the_environment_can_ask_for(monkeypatch):
-    monkeypatch.setenv(clipping.CONV_FORMS_ENV, "model")
+    monkeypatch.setenv(conv.CONV_FORMS_ENV, "model")
     autotune.forget()
     loss, params, x, y = _case("2d", batch=4)
     rules = clipping.layer_rules(loss, params, x[0], y[0], batch_size=4)
     assert autotune.choices() == {}
     assert not any("measured" in r for r in rules.values())
-    monkeypatch.setenv(clipping.CONV_FORMS_ENV, "fastest")
+    monkeypatch.setenv(conv.CONV_FORMS_ENV, "fastest")
     with pytest.raises(ValueError, match="ABLATION_CONV_FORMS='fastest'"):
         clipping.layer_rules(loss, params, x[0], y[0], batch_size=4)
 

@@ -160,7 +160,7 @@ def test_ghost_norms_bound_the_true_norms(model_case, oracle):
     """The rules' norms are never below the true ones (beyond float32 rounding, 1e-6), and
     above them by at most the Gram form's documented over-clipping (√(1 + tolerance) − 1 in
     the norm); models without a Gram-form layer agree to rounding."""
-    from ablation.core.clipping import GRAM_TOLERANCE
+    from ablation.core.rules.dense import GRAM_TOLERANCE
     model, params, x, y = model_case
     _, norms, _ = oracle
     got = np.sqrt(np.asarray(per_example_sq_norms(model.loss, params, x, y), np.float64))
@@ -257,22 +257,22 @@ def test_ghost_refuses_a_plain_function_loss():
 @pytest.mark.parametrize("positions, d, p, gram", [(1, 5, 5, None), (256, 200, 400, False),
                                                    (16, 1152, 256, True)])
 def test_dense_rule_picks_the_cheaper_form_and_both_are_exact(positions, d, p, gram):
-    from ablation.core import clipping
+    from ablation.core.rules import dense
     if gram is not None:
-        assert clipping.prefers_gram(positions, d, p) is gram
+        assert dense.prefers_gram(positions, d, p) is gram
     a = jax.random.normal(jax.random.key(0), (2, min(positions, 8), 6))
     g = jax.random.normal(jax.random.key(1), (2, min(positions, 8), 4))
     expected = np.sum(np.square(np.einsum("btd,btp->bdp", a, g)), axis=(1, 2)) + \
         np.sum(np.square(np.sum(np.asarray(g), axis=1)), axis=-1)
     for prefer in (True, False):
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(clipping, "prefers_gram", lambda *_: prefer)
-            got = clipping.dense_sq_norms(a, g, ("w", "b"))
+            mp.setattr(dense, "prefers_gram", lambda *_: prefer)
+            got = dense.dense_sq_norms(a, g, ("w", "b"))
         np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5)
 
 
 def test_embed_rule_sums_repeated_ids_first():
-    from ablation.core.clipping import embed_sq_norms
+    from ablation.core.rules.embed import embed_sq_norms
     ids = jnp.array([[3, 1, 3, 3], [0, 1, 2, 2]])
     g = jax.random.normal(jax.random.key(0), (2, 4, 5))
     gn = np.asarray(g)
@@ -306,7 +306,7 @@ def test_every_embed_grouping_is_exact_on_adversarial_ids(grouping, monkeypatch)
     """Issue 25: the sort-free grouping (a table of first positions) and the sorts agree with
     the float64 reference on ids built to break them: all equal, all distinct, the table's
     ends, negative ids that wrap (and one that does not), ids past the table."""
-    from ablation.core import clipping
+    from ablation.core.rules import embed as clipping
     vocab, steps = 11, 9
     ids = jnp.array([[4] * steps, list(range(steps)), [0, 10, 0, 10, 10, 0, 5, 5, 0],
                      [-1, 10, -11, 0, -12, 11, 99, -1, 3], [2, 2, 11, 2, -5, 6, 6, 2, 2]],
@@ -324,7 +324,7 @@ def test_every_embed_grouping_is_exact_on_adversarial_ids(grouping, monkeypatch)
 
 
 def test_the_embed_grouping_is_chosen_by_cost():
-    from ablation.core.clipping import prefers_buckets
+    from ablation.core.rules.embed import prefers_buckets
     assert prefers_buckets(256, 10_004)  # IMDb: the table of first positions
     assert not prefers_buckets(16, 10_004)  # a short sequence: the sort
     assert not prefers_buckets(256, 10 ** 7)  # a huge vocabulary: the sort

@@ -247,6 +247,23 @@ def test_a_missing_framework_environment_is_an_error_record(tmp_path):
     assert record["status"] == "error" and "make tf" in record["error"]
 
 
+@NEEDS_TF
+def test_a_tf_cell_that_fails_in_its_worker_names_its_code_and_framework(tmp_path):
+    """Issue 32: an error inside the TF worker (here the real dataset, absent offline; in the
+    committed reference once a ResourceExhaustedError) writes the identity every record
+    carries: the code's sha, the machine and TensorFlow's versions, from the TF environment,
+    which has no JAX."""
+    proc = run_cli("ablation.run", "engine=tfp", "model=logreg", "batch_size=16", "data=real",
+                   f"data.cache_dir={tmp_path / 'empty'}", "data.download=false", *QUICK,
+                   output_dir=tmp_path / "runs")
+    assert proc.returncode == 1
+    (_, record), = list(results.iter_records(tmp_path / "runs"))
+    assert record["status"] == "error" and "DatasetUnavailable" in record["error"]
+    env = record["env"]
+    assert env["git_sha"] and env["tensorflow"] and env["tensorflow_privacy"], env
+    assert env["cpu_model"] and env["platform"] == "cpu" and "error" not in env
+
+
 def test_engines_without_poisson_refuse_it():
     from ablation.sweep.config import ConfigError, cell_from_dict
     for engine in ("tfp", "backpack", "pyvacy", "opacus"):

@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 
 from ablation import clipped_grad_sum
-from ablation.core.clipping import GRAM_TOLERANCE, per_example_sq_norms, prefers_gram
+from ablation.core.clipping import per_example_sq_norms
+from ablation.core.rules.dense import GRAM_TOLERANCE, prefers_gram
 from ablation.core.taps import GhostUnsupported, LayeredLoss, register_equivalent
 from models.registry import softmax_cross_entropy
-from tests.conftest import flatten, reference_clipped_sum, reference_per_example_grads
+from tests.conftest import (contributions, flatten, reference_clipped_sum,
+                            reference_per_example_grads)
 
 GHOST = ("ghost", "ghost_two_pass")
 #: Float32 rounding through a few layers is ~1e-6 of the sum's scale; a wrong rule moves the
@@ -278,16 +280,6 @@ def _gram_case(offset: float, scale: float = 1.0, seed: int = 1):
     return loss, params, offset + scale * base, _labels(6, seed=seed)
 
 
-def _contributions(loss, params, x, y, clip):
-    """The norm of what the released sum adds for each example alone (the others padded)."""
-    out = []
-    for i in range(x.shape[0]):
-        mask = jnp.zeros(x.shape[0]).at[i].set(1.0)
-        out.append(np.linalg.norm(flatten(clipped_grad_sum("ghost", loss, params, x, y, clip,
-                                                           mask=mask))))
-    return np.array(out)
-
-
 @pytest.mark.parametrize("offset", [1e3, 1e4])
 def test_a_gram_layer_with_a_large_shared_offset_never_under_clips(offset):
     """Before: the Gram form cancelled to 0.963 of the true norm at offset 1e3; at 1e4 two
@@ -297,7 +289,7 @@ def test_a_gram_layer_with_a_large_shared_offset_never_under_clips(offset):
     rules = np.sqrt(np.asarray(per_example_sq_norms(loss, params, x, y), np.float64))
     assert np.all(rules >= true * (1 - 1e-5)), rules / true
     clip = float(np.min(true)) / 2  # every example clipped
-    assert np.all(_contributions(loss, params, x, y, clip) <= clip * (1 + 1e-6))
+    assert np.all(contributions(loss, params, x, y, clip) <= clip * (1 + 1e-6))
 
 
 def test_an_adversarial_search_over_offsets_and_scales_cannot_exceed_c():
@@ -311,7 +303,7 @@ def test_an_adversarial_search_over_offsets_and_scales_cannot_exceed_c():
         loss, params, x, y = _gram_case(offset, scale, seed=trial)
         true = [np.linalg.norm(g) for g in reference_per_example_grads(loss, params, x, y)]
         clip = float(np.min(true)) / 3
-        worst = max(worst, float(np.max(_contributions(loss, params, x, y, clip))) / clip)
+        worst = max(worst, float(np.max(contributions(loss, params, x, y, clip))) / clip)
     assert worst <= 1 + 1e-6, worst
 
 

@@ -42,6 +42,17 @@ def test_make_figures_draws_every_family_of_the_committed_reference(tmp_path):
     assert "outputs/reference/cpu" in index and "records:" in index
 
 
+def test_every_committed_reference_record_names_its_code_and_machine():
+    """Issue 32: a committed TF Privacy error record had no git_sha (its worker's environment
+    had failed); every record under outputs/reference now says which code and machine."""
+    found = list(REFERENCE.rglob("result.json"))
+    assert len(found) > 100
+    nameless = [str(path.relative_to(REPO)) for path in found
+                if not (json.loads(path.read_text()).get("env") or {}).get("git_sha")
+                or not (json.loads(path.read_text()).get("env") or {}).get("cpu_count")]
+    assert not nameless, nameless
+
+
 def test_max_batch_draws_private_and_non_private_apart(tmp_path):
     """Before: ffnn's both bar was mean(6,870 private, 312,588 non-private) = 159,729."""
     write_json(tmp_path / "a" / "result.json", memory_record("both", "ffnn", 6870))

@@ -3,7 +3,7 @@
 A *tapped* pass runs a network on ONE example (a batch of one, the same per-example loss every
 other engine differentiates) with every parameterised layer reporting three things:
 
-* its kind (a key of :data:`ablation.core.clipping.RULES`) and the module scope that holds its
+* its kind (a key of :data:`ablation.core.rules.RULES`) and the module scope that holds its
   parameters (``linear_1``, ``conv2_d``, ``lstm/linear``: the keys of the parameter dict);
 * its input as the layer saw it, and ``apply(layer_params, input) -> output``, the layer as a
   function of its parameters (linear in them), which the rules and book-keeping differentiate;
@@ -13,10 +13,12 @@ other engine differentiates) with every parameterised layer reporting three thin
 The ghost engine ``vmap``s that pass over the examples, so examples cannot interact (a network
 that mixes the rows of its batch sees a batch of one, exactly as under ``both``).
 
-Stock Haiku layers (exactly ``hk.Linear``, ``hk.Conv1D/2D/3D`` and ``hk.ConvND``, ``hk.Embed``,
-``hk.LayerNorm``, ``hk.RMSNorm``; a subclass only once
-:func:`register_equivalent` says it computes what its base computes) are tapped by method
-interception, so any network built from them is tapped without changing it. Each tapped call
+Stock Haiku layers (exactly the classes of :data:`ablation.core.rules.STOCK`: every stock layer
+with parameters but the refused ones of :data:`ablation.core.rules.REFUSED`; a subclass only
+once :func:`register_equivalent` says it computes what its base computes) are tapped by method
+interception, so any network built from them is tapped without changing it. A layer of the
+per-example rule (``hk.Bias``, ``hk.GroupNorm``, depthwise and transposed convolutions, ...) is
+only noted: the engine takes its per-example gradient from the backward pass. Each tapped call
 runs inside a named *region*; :func:`parameter_violations` then reads the traced program and
 finds every parameter consumed anywhere but inside its own layer's region (tied weights, a
 second use through ``params_dict()``): refused, unless the fallback materialises it. A layer the
@@ -38,39 +40,15 @@ import haiku as hk
 import jax
 import jax.extend.core as jax_core
 import jax.numpy as jnp
-from jax import lax
+
+from ablation.core.rules import REFUSED, RULES, STOCK
+from ablation.core.rules.base import HIGHEST, GhostUnsupported, LayerApply, LayerTap
+from ablation.core.rules.dense import dense_apply
 
 PyTree = Any
-#: ``apply(layer_params, inputs) -> outputs``: a layer as a function of its parameters.
-LayerApply = Callable[[Mapping[str, jax.Array], jax.Array], jax.Array]
-#: The rules' and the layers' own contractions run at full float32 precision on every backend
-#: (TF32 or bf16 passes on GPUs/TPUs would make the clip norm disagree with the summed gradient).
-HIGHEST = lax.Precision.HIGHEST
-
-
-class GhostUnsupported(ValueError):
-    """A network the ghost engine cannot clip exactly; the message names the layer."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerTap:
-    """What the rules need to know of one layer besides its arrays (static, not traced).
-
-    Attributes:
-      kind: ``dense`` (a linear map over the last axis, any positions before it), ``conv``
-        (1-, 2- or 3-D, channels last), ``embed`` or ``norm_affine`` (the scale and offset of a
-        layer or RMS norm).
-      apply: the layer as a function of its parameters (see the module docstring).
-      params: the parameter names of the layer's scope that ``apply`` consumes.
-      options: what the kind's rule needs besides arrays: for ``conv`` the kernel shape,
-        strides, padding and dilations, for ``embed`` the ``vocab_size``, for ``norm_affine``
-        the normalisation's axes and epsilon.
-    """
-
-    kind: str
-    apply: LayerApply
-    params: tuple[str, ...]
-    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+__all__ = ["HIGHEST", "GhostUnsupported", "LayerApply", "LayerTap", "LayeredLoss", "Recorder",
+           "dense_apply", "parameter_violations", "recording", "register_equivalent",
+           "tap_input", "tap_output", "tap_region"]
 
 
 _REGION = "ghost_tap_"
@@ -92,6 +70,12 @@ class Recorder:
         self.outputs: dict[str, jax.ShapeDtypeStruct] = {}
         self.regions: list[str] = []  # region i of the traced program is layer regions[i]
         self.frame: Any = None  # the Haiku frame of the tapped network (set when it starts)
+        #: layers whose per-example gradients the engine materialises (the per-example rule)
+        self.materialised: dict[str, LayerTap] = {}
+
+    def materialise(self, scope: str, tap: LayerTap) -> None:
+        """Note a layer of a materialised rule (called any number of times, anywhere)."""
+        self.materialised.setdefault(scope, tap)
 
     def record(self, scope: str, tap: LayerTap, inputs: jax.Array) -> None:
         self.check_context(scope)
@@ -171,78 +155,8 @@ def tap_region(scope: str) -> contextlib.AbstractContextManager:
 
 
 # ---------------------------------------------------------------------------------------------
-# The stock Haiku layers, as functions of their parameters.
+# The stock Haiku layers: which rule taps each (the table is the rules' own).
 
-
-def dense_apply(params: Mapping[str, jax.Array], inputs: jax.Array) -> jax.Array:
-    """``inputs @ w (+ b)``: hk.Linear over the last axis."""
-    out = jnp.dot(inputs, params["w"], precision=HIGHEST)
-    return out + params["b"] if "b" in params else out
-
-
-def embed_apply(params: Mapping[str, jax.Array], ids: jax.Array) -> jax.Array:
-    """``embeddings[ids]``: hk.Embed's ARRAY_INDEX lookup, indexed exactly as it indexes (ids
-    below 0 wrap once, a gather clamps, and its gradient drops what lies outside the table)."""
-    return jnp.asarray(params["embeddings"])[(ids,)]
-
-
-def _conv_tap(module: hk.ConvND) -> LayerTap:
-    """hk.ConvND and its stock 1-, 2- and 3-D forms, channels last."""
-    if module.mask is not None or module.channel_index != -1:
-        raise GhostUnsupported(f"ghost: conv layer {module.module_name!r} is masked or "
-                               "channels-first; the conv rule covers unmasked channels-last "
-                               "convolutions")
-    if module.feature_group_count != 1:
-        raise GhostUnsupported(f"ghost: conv layer {module.module_name!r} is grouped; the conv "
-                               "rule covers ungrouped convolutions")
-    conv = dict(window_strides=tuple(module.stride), padding=module.padding,
-                lhs_dilation=tuple(module.lhs_dilation),
-                rhs_dilation=tuple(module.kernel_dilation),
-                dimension_numbers=module.dimension_numbers)
-
-    def apply(params, inputs):
-        out = lax.conv_general_dilated(inputs, params["w"], precision=HIGHEST, **conv)
-        return out + params["b"] if "b" in params else out
-
-    names = ("w", "b") if module.with_bias else ("w",)
-    patches = dict(filter_shape=tuple(module.kernel_shape), window_strides=conv["window_strides"],
-                   padding=module.padding, lhs_dilation=conv["lhs_dilation"],
-                   rhs_dilation=conv["rhs_dilation"], spatial_dims=module.num_spatial_dims)
-    return LayerTap("conv", apply, names, patches)
-
-
-def _norm_affine_apply(params: Mapping[str, jax.Array], normalized: jax.Array) -> jax.Array:
-    out = normalized * params["scale"] if "scale" in params else normalized
-    return out + params["offset"] if "offset" in params else out
-
-
-def _norm_tap(module: hk.Module, rms: bool) -> LayerTap:
-    """hk.LayerNorm and hk.RMSNorm: ``scale ⊙ x̂ + offset`` of the normalised input x̂."""
-    names = tuple(n for n, made in (("scale", module.create_scale),
-                                    ("offset", getattr(module, "create_offset", False))) if made)
-    options = {"rms": rms, "axis": module.axis, "param_axis": module.param_axis,
-               "eps": module.eps, "fast_variance": getattr(module, "use_fast_variance", False)}
-    return LayerTap("norm_affine", _norm_affine_apply, names, options)
-
-
-def _linear_tap(module: hk.Linear) -> LayerTap:
-    return LayerTap("dense", dense_apply, ("w", "b") if module.with_bias else ("w",))
-
-
-def _embed_tap(module: hk.Embed) -> LayerTap:
-    style = getattr(module.lookup_style, "name", module.lookup_style)
-    if str(style).upper() != "ARRAY_INDEX":
-        raise GhostUnsupported(f"ghost: embedding {module.module_name!r} uses lookup style "
-                               f"{module.lookup_style}; the embed rule covers ARRAY_INDEX")
-    return LayerTap("embed", embed_apply, ("embeddings",), {"vocab_size": module.vocab_size})
-
-
-#: Exact module types the interceptor taps, and how. A subclass of one of these may compute
-#: something else (an overridden ``__call__``); it is refused unless registered as equivalent.
-_STOCK: dict[type, Callable[[Any], LayerTap]] = {
-    hk.Linear: _linear_tap, hk.Embed: _embed_tap,
-    hk.ConvND: _conv_tap, hk.Conv1D: _conv_tap, hk.Conv2D: _conv_tap, hk.Conv3D: _conv_tap,
-    hk.LayerNorm: lambda m: _norm_tap(m, rms=False), hk.RMSNorm: lambda m: _norm_tap(m, rms=True)}
 _EQUIVALENT: dict[type, type] = {}
 
 
@@ -250,19 +164,24 @@ def register_equivalent(subclass: type, stock: type) -> None:
     """Declare that ``subclass`` computes exactly what the stock layer ``stock`` computes from
     the same parameters (e.g. a subclass that only adds a method), so the ghost engine taps it
     with ``stock``'s rule. The declaration is the user's: nothing checks the arithmetic."""
-    if stock not in _STOCK:
+    if stock not in STOCK:
         raise ValueError(f"{stock.__name__} is not a tapped layer; tapped: "
-                         f"{', '.join(t.__name__ for t in _STOCK)}")
+                         f"{', '.join(t.__name__ for t in STOCK)}")
     if not (isinstance(subclass, type) and issubclass(subclass, stock)):
         raise ValueError(f"{subclass!r} is not a subclass of {stock.__name__}")
     _EQUIVALENT[subclass] = stock
 
 
-def _stock_tap(module: hk.Module, call_kwargs: Mapping[str, Any]) -> LayerTap | None:
+def _stock_tap(module: hk.Module, args: tuple, kwargs: Mapping[str, Any]) -> LayerTap | None:
+    """The tap of a stock layer's call (None: not a stock layer, or nothing to clip)."""
     kind = type(module)
-    stock = kind if kind in _STOCK else _EQUIVALENT.get(kind)
+    for refused, why in REFUSED.items():
+        if isinstance(module, refused):
+            raise GhostUnsupported(f"ghost: layer {module.module_name!r} is a {kind.__name__}: "
+                                   f"{why}")
+    stock = kind if kind in STOCK else _EQUIVALENT.get(kind)
     if stock is None:
-        for base in _STOCK:
+        for base in STOCK:
             if isinstance(module, base):
                 raise GhostUnsupported(
                     f"ghost: layer {module.module_name!r} is a {kind.__name__}, a subclass of "
@@ -270,29 +189,21 @@ def _stock_tap(module: hk.Module, call_kwargs: Mapping[str, Any]) -> LayerTap | 
                     "rule covers the stock class (ablation.core.taps.register_equivalent("
                     f"{kind.__name__}, hk.{base.__name__}) if it computes the same)")
         return None
-    style = call_kwargs.get("lookup_style")
-    if style is not None and str(getattr(style, "name", style)).upper() != "ARRAY_INDEX":
-        raise GhostUnsupported(f"ghost: embedding {module.module_name!r} is called with lookup "
-                               f"style {style}; the embed rule covers ARRAY_INDEX")
-    return _STOCK[stock](module)
+    return STOCK[stock](module, args, kwargs)
 
 
 def _intercept(recorder: Recorder):
     def interceptor(next_fun, args, kwargs, context):
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
-        tap = _stock_tap(context.module, kwargs)
+        tap = _stock_tap(context.module, args, kwargs)
         if tap is None:
             return next_fun(*args, **kwargs)
         scope = context.module.module_name
+        if RULES[tap.kind].materialised:  # its per-example gradient comes from the backward
+            recorder.materialise(scope, tap)  # pass: exact for any use, so nothing to check
+            return next_fun(*args, **kwargs)
         inputs = args[0] if args else kwargs.get("inputs", kwargs.get("ids"))
-        if tap.kind == "conv" and jnp.ndim(inputs) != tap.options["spatial_dims"] + 2:
-            raise GhostUnsupported(f"ghost: conv layer {scope!r} got an input of shape "
-                                   f"{jnp.shape(inputs)}; the conv rule needs [N, *spatial, C]")
-        if tap.kind == "norm_affine" and (len(args) > 1 or kwargs.get("scale") is not None
-                                          or kwargs.get("offset") is not None):
-            raise GhostUnsupported(f"ghost: norm layer {scope!r} is given its scale or offset "
-                                   "at call time; the rule covers its own parameters")
         with recorder.region(scope):
             output = next_fun(*args, **kwargs)
         recorder.record(scope, tap, inputs)

@@ -66,12 +66,14 @@ class Patches:
 def patch_views(x: jax.Array, kernel: tuple[int, ...], strides: tuple[int, ...],
                 padding: Any, batch: int) -> Patches:
     """The patches of ``x [N, *spatial, C]`` (``N = batch·n``: n inputs per example) for an
-    undilated channels-last convolution: pads, then one strided slice per kernel offset."""
+    undilated channels-last convolution: pads (a negative pad crops, as the convolution's
+    own padding does), then one strided slice per kernel offset."""
     dims = len(kernel)
     spatial = x.shape[1:1 + dims]
     pads = (lax.padtype_to_pads(spatial, kernel, strides, padding) if isinstance(padding, str)
             else [tuple(p) for p in padding])
-    x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    zero = jnp.zeros((), x.dtype)
+    x = lax.pad(x, zero, [(0, 0, 0), *((int(lo), int(hi), 0) for lo, hi in pads), (0, 0, 0)])
     out = [(x.shape[1 + i] - kernel[i]) // strides[i] + 1 for i in range(dims)]
     channels = x.shape[-1]
     views = tuple(
