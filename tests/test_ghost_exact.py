@@ -133,9 +133,10 @@ def test_an_adversarial_search_over_offsets_and_scales_cannot_make_ghost_over_cl
     the float64 ones) ghost's norm is never further from the float64 one than 1e-3 plus twice
     ``both``'s own distance (two float32 evaluations of one gradient, each off by about that
     much, measured: ghost ÷ both 0.996–1.004 where both is off by 12–28 %). (Where the
-    inputs' variation nears float32's resolution of the offset, ``both``'s norms are 100–10,000× the float64 ones, measured: every float32
-    engine's gradient is then rounding noise, and ghost's and ``both``'s noise differ by a few
-    per cent; only the bound on what an example adds means anything there.)"""
+    inputs' variation nears float32's resolution of the offset, ``both``'s norms are
+    100–10,000× the float64 ones, measured: every float32 engine's gradient is then rounding
+    noise, and ghost's and ``both``'s noise differ by a few per cent; only the bound on what an
+    example adds means anything there.)"""
     assert prefers_gram(4, 64, 64)
     rng = np.random.default_rng(1)
     loss, params, x, y = _offset_case(0.0, 4, 64)

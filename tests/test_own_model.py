@@ -4,7 +4,6 @@ tied weights through the fallback)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 from ablation import DatasetSpec, GhostUnsupported, Model, clipped_grad_sum, get_engine
 from ablation.core.clipping import layer_rules, per_example_sq_norms
 from ablation.report import records as results
-from tests.cli import QUICK, REPO, run_cli
+from tests.cli import QUICK, REPO
 from tests.conftest import flatten, reference_clipped_sum, reference_per_example_grads
 
 EXAMPLE = REPO / "examples" / "my_model.py"

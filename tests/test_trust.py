@@ -5,10 +5,8 @@ never trusted, and bad values are refused before anything runs."""
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 

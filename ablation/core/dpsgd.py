@@ -119,13 +119,7 @@ class Step:
             if not (self.engine.jit and self.engine.vectorized):
                 raise ValueError(f"devices > 1 needs a compiled vectorised engine (both or "
                                  f"ghost), not {self.engine.name}")
-            available = jax.devices()
-            if len(available) < self.devices:
-                raise ValueError(f"devices={self.devices} but JAX sees {len(available)} "
-                                 f"{available[0].platform} device(s) (on a CPU, XLA_FLAGS="
-                                 f"--xla_force_host_platform_device_count={self.devices} makes "
-                                 f"{self.devices})")
-            self._mesh = jax.sharding.Mesh(np.array(available[:self.devices]), ("batch",))
+            self._mesh = jax.sharding.Mesh(np.array(_mesh_devices(self.devices)), ("batch",))
         self.steps_per_call = int(steps_per_call)
         if self.steps_per_call < 1:
             raise ValueError(f"steps_per_call must be a positive integer, got {steps_per_call}")
@@ -203,7 +197,7 @@ class Step:
 
         def local(p, xs, ys, *ms):
             part = strategy(loss, p, xs, ys, clip, ms[0] if ms else None)
-            return jax.lax.psum(part, "batch")
+            return _psum_as_one(part, "batch")
 
         batch = P("batch")
         args = (params, x, y) + (() if mask is None else (mask,))
@@ -215,6 +209,24 @@ class Step:
         if self._mesh is None:
             return None
         return jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec("batch"))
+
+    def place_batch(self, tree: PyTree, stacked: bool = False) -> PyTree:
+        """This process's part of a batch (``[B_local, ...]`` leaves; ``[K, B_local, ...]``
+        with ``stacked``) as the step's sharded global batch (unchanged without a mesh)."""
+        if self._mesh is None:
+            return tree
+        from ablation.core.distributed import global_array
+        spec = jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec(
+            *((None,) if stacked else ()), "batch"))
+        return jax.tree.map(lambda a: None if a is None else global_array(a, spec), tree)
+
+    def place_state(self, tree: PyTree) -> PyTree:
+        """The training state, the same on every process, replicated over the mesh where the
+        step spans several processes (unchanged otherwise)."""
+        from ablation.core.distributed import is_multi_process, replicated
+        if self._mesh is None or not is_multi_process():
+            return tree
+        return replicated(tree, self._mesh)
 
     def _scanned_steps(self, params, opt_state, xs, ys, keys, masks):
         """``steps_per_call`` steps in one ``lax.scan``: the same step, K inputs."""
@@ -311,6 +323,44 @@ class Step:
             total = self._loop.accumulate(total, params, x, y, i, clip, mask)
         return self._call_compiled("finish", self._finish, params, opt_state, total, key,
                                    self._denominator(x))
+
+
+def _psum_as_one(tree: PyTree, axis: str) -> PyTree:
+    """``psum`` of a tree as one collective over its concatenated leaves (where they share a
+    dtype). The sum of each element is the same; but XLA:CPU's gloo runs one all-reduce per
+    leaf, and each costs its round trip: measured on 2 CPU processes, the ffnn's ghost step
+    took 4.8 ms with a psum per leaf and 1.6 ms with one (the cnn's 26 and 12 ms)."""
+    leaves = jax.tree.leaves(tree)
+    if len(leaves) < 2 or len({leaf.dtype for leaf in leaves}) > 1:
+        return jax.lax.psum(tree, axis)
+    from jax.flatten_util import ravel_pytree
+    flat, unravel = ravel_pytree(tree)
+    return unravel(jax.lax.psum(flat, axis))
+
+
+def _mesh_devices(count: int) -> list[Any]:
+    """The devices of a data-parallel step over ``count`` devices: the first ``count`` of this
+    process's, or, in a run of several processes, the first ``count / processes`` of each
+    process's, in process order (so each process holds its rows of every batch)."""
+    processes = jax.process_count()
+    if processes == 1:
+        available = jax.devices()
+        if len(available) < count:
+            raise ValueError(f"devices={count} but JAX sees {len(available)} "
+                             f"{available[0].platform} device(s) (on a CPU, XLA_FLAGS="
+                             f"--xla_force_host_platform_device_count={count} makes {count})")
+        return available[:count]
+    if count % processes:
+        raise ValueError(f"devices={count} do not divide over the run's {processes} processes")
+    per = count // processes
+    by_process: dict[int, list[Any]] = {}
+    for device in jax.devices():
+        by_process.setdefault(device.process_index, []).append(device)
+    short = [p for p in range(processes) if len(by_process.get(p, ())) < per]
+    if short:
+        raise ValueError(f"process {short[0]} has {len(by_process.get(short[0], ()))} "
+                         f"device(s), fewer than the {per} each process needs")
+    return [d for p in range(processes) for d in sorted(by_process[p], key=lambda d: d.id)[:per]]
 
 
 def make_step(engine: Engine | str, loss_fn: LossFn, optimizer: optax.GradientTransformation,

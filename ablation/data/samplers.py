@@ -212,3 +212,50 @@ class PoissonSampler:
             "poisson_max_batch": int(counts.max()) if counts.size else None,
             "poisson_overflow_steps": int((counts > self.capacity).sum()),
         }
+
+
+# ---------------------------------------------------------------------------------------------
+# One run over several processes: each process holds its part of every batch.
+
+
+class ProcessRows:
+    """Process ``index`` of ``count``'s rows of a fixed-size batch: every process draws the
+    same global batch (the same permutation of the same data, from the same key) and keeps
+    its equal share of the rows, in process order."""
+
+    def __init__(self, sampler: ShuffleSampler, index: int, count: int):
+        if sampler.batch_size % count:
+            raise ValueError(f"a batch of {sampler.batch_size} does not divide over {count} "
+                             "processes")
+        self.sampler, self.index, self.count = sampler, index, count
+        self.batch_size = sampler.batch_size // count  # this process's rows
+        self.steps_per_epoch = sampler.steps_per_epoch
+        self.data = sampler.data
+
+    def batch(self, i: int) -> Batch:
+        rows = slice(self.index * self.batch_size, (self.index + 1) * self.batch_size)
+        x, y, _ = self.sampler.batch(i)
+        return Batch(x[rows], y[rows])
+
+
+def process_shard(data: TrainingSet, index: int, count: int) -> TrainingSet:
+    """Process ``index`` of ``count``'s shard of the training set: ``n // count`` examples,
+    contiguous, no example in two shards (the last ``n % count`` are in none)."""
+    size = data.size // count
+    rows = slice(index * size, (index + 1) * size)
+    return TrainingSet(data.x[rows], data.y[rows])
+
+
+def process_poisson(data: TrainingSet, batch_size: int, key: jax.Array, index: int,
+                    count: int, sigmas: float, devices: int = 1) -> PoissonSampler:
+    """Process ``index`` of ``count``'s Poisson sampler: every example of its shard
+    (:func:`process_shard`) joins a step with probability ``q = batch_size / (count·size)``,
+    drawn from its own key (``fold_in(key, index)``: no two processes share one), padded to a
+    capacity of its own (:func:`poisson_capacity` of its expected ``batch_size / count``).
+    Together: every example of the run's ``count·size`` is in a step independently with
+    probability q, once."""
+    shard = process_shard(data, index, count)
+    expected = batch_size // count
+    capacity = poisson_capacity(expected, shard.size, sigmas, devices)
+    return PoissonSampler(shard, expected, jax.random.fold_in(key, index), capacity)
+

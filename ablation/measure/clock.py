@@ -108,15 +108,17 @@ class PreparedClock:
 
 
 def _budget(clock: Clock, t: TimingConfig, spe: int, bar: Progress) -> dict[str, Any]:
+    # A run of several processes takes process 0's decisions, so all run the same steps.
+    agree = getattr(clock, "agree", lambda value: value)
     steps: list[float] = []
     started = time.perf_counter()
-    while len(steps) < t.max_steps and (len(steps) < t.min_steps
-                                        or time.perf_counter() - started < t.budget_s):
+    while agree(bool(len(steps) < t.max_steps and (
+            len(steps) < t.min_steps or time.perf_counter() - started < t.budget_s))):
         steps.append(clock.tick())
         bar.update()
     latency = robust_stats(steps)
     # Bursts within about the same budget: BURSTS runs of K back-to-back steps.
-    k = int(min(t.max_steps, max(1, t.budget_s / (BURSTS * latency["median"]))))
+    k = agree(int(min(t.max_steps, max(1, t.budget_s / (BURSTS * latency["median"])))))
     per_step = []
     for _ in range(BURSTS):
         per_step.append(clock.burst(k, BURST_INPUT_BYTES) / k)

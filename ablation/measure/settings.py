@@ -80,7 +80,11 @@ class CellConfig:
     model_kwargs: str = "{}"  # model=custom: the factory's keyword arguments (JSON)
     ghost_fallback: str = "error"  # ghost: error | materialise (parameters no rule covers)
     steps_per_call: int = 1  # compiled engines: DP-SGD steps per compiled call
-    devices: int = 1  # both/ghost: the batch split over this many devices (data parallel)
+    devices: int = 1  # both/ghost: the batch split over this many devices per process
+    processes: int = 1  # JAX processes of one run (multi-controller; the batch split over all)
+    coordinator: str | None = None  # host:port of process 0 (None: chosen or found for you)
+    process_id: int | None = None  # this process's rank, where a launcher starts each one
+    scaling: str = "strong"  # strong: batch_size is the global batch; weak: it was per process
     xla: bool = False  # tfp: compile the Keras step with XLA (jit_compile)
     microbatch_size: int = 16  # jax_privacy, engine.mode=microbatch: examples per micro-batch
     data: str = "synthetic"
@@ -100,6 +104,11 @@ class CellConfig:
     def is_reference(self) -> bool:
         """True for engines of other frameworks (Opacus)."""
         return self.engine in REFERENCE_ENGINES
+
+    @property
+    def global_devices(self) -> int:
+        """The devices a batch is split over: ``devices`` on each of ``processes``."""
+        return self.devices * self.processes
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -32,10 +32,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from ablation.core import distributed
 from ablation.core.dpsgd import DPConfig, Step, make_step, sgd
 from ablation.core.engines import get_engine
-from ablation.data.samplers import (Batch, PoissonSampler, ShuffleSampler, load_training_set,
-                                    poisson_capacity, run_keys)
+from ablation.data.samplers import (Batch, PoissonSampler, ProcessRows, ShuffleSampler,
+                                    load_training_set, poisson_capacity, process_poisson,
+                                    run_keys)
 from ablation.measure.clock import PreparedClock, run_timing_loop
 from ablation.measure.cost_split import measure_cost_split, supports_cost_split
 from ablation.measure.settings import CellConfig, model_of
@@ -60,23 +62,22 @@ class JaxClock(PreparedClock):
 
     def _inputs(self, i: int) -> tuple[Batch, jax.Array]:
         k = self.steps_per_call
-        sharding = getattr(self.step, "input_sharding", lambda: None)()
-        if k == 1:
-            batch = self.sampler.batch(i)
-            if sharding is not None:  # split over the devices before the clock starts
-                batch = Batch(*(None if a is None else jax.device_put(a, sharding)
-                                for a in batch))
+        place = getattr(self.step, "place_batch", lambda tree, stacked=False: tree)
+        if k == 1:  # split over the devices (of every process) before the clock starts
+            batch = place(self.sampler.batch(i))
             return jax.block_until_ready((batch, jax.random.fold_in(self.noise_key, i)))
         batches = [self.sampler.batch(i * k + j) for j in range(k)]
         stacked = Batch(*(None if parts[0] is None else jnp.stack(parts)
                           for parts in zip(*batches)))
-        if sharding is not None:  # [K, B, ...]: the steps stay whole, each batch is split
-            spec = jax.sharding.NamedSharding(sharding.mesh,
-                                              jax.sharding.PartitionSpec(None, "batch"))
-            stacked = Batch(*(None if a is None else jax.device_put(a, spec) for a in stacked))
+        stacked = place(stacked, stacked=True)  # [K, B, ...]: the steps whole, each batch split
         keys = jax.vmap(lambda j: jax.random.fold_in(self.noise_key, j))(
             jnp.arange(i * k, (i + 1) * k))
         return jax.block_until_ready((stacked, keys))
+
+    @staticmethod
+    def agree(value):
+        """Process 0's decision (how many steps), so every process of a run takes it."""
+        return distributed.agree(value)
 
     def _launch(self, inputs: tuple[Batch, jax.Array]) -> None:
         batch, key = inputs
@@ -97,19 +98,28 @@ def _mean_loss_fn(model):
     return mean_loss
 
 
-def build_sampler(cell: CellConfig, data, key: jax.Array) -> ShuffleSampler | PoissonSampler:
-    """The batch sampler of a cell: shuffled fixed-size batches or padded Poisson batches.
+def build_sampler(cell: CellConfig, data, key: jax.Array
+                  ) -> ShuffleSampler | PoissonSampler | ProcessRows:
+    """The batch sampler of a cell: shuffled fixed-size batches or padded Poisson batches;
+    in a run of several processes, this process's part of each
+    (:class:`ablation.data.samplers.ProcessRows`, :func:`ablation.data.samplers.process_poisson`).
 
-    Split over ``cell.devices``: a fixed batch must divide by them (else a one-line error); a
-    Poisson batch's padded capacity is rounded up to a multiple of them (more masked slots).
+    Split over ``cell.global_devices``: a fixed batch must divide by them (else a one-line
+    error); a Poisson batch's padded capacity is rounded up to a multiple of each process's
+    devices (more masked slots).
     """
-    n = cell.devices
+    n = cell.global_devices
+    index, count = jax.process_index(), cell.processes
     if cell.dp.sampling == "poisson":
+        if count > 1:
+            return process_poisson(data, cell.batch_size, key, index, count,
+                                   cell.dp.capacity_sigmas, cell.devices)
         capacity = poisson_capacity(cell.batch_size, data.size, cell.dp.capacity_sigmas, n)
         return PoissonSampler(data, cell.batch_size, key, capacity)
     if cell.batch_size % n:
-        raise ValueError(f"batch_size {cell.batch_size} does not divide over engine.devices={n}")
-    return ShuffleSampler(data, cell.batch_size, key)
+        raise ValueError(f"batch_size {cell.batch_size} does not divide over {n} devices")
+    sampler = ShuffleSampler(data, cell.batch_size, key)
+    return ProcessRows(sampler, index, count) if count > 1 else sampler
 
 
 def build_step(cell: CellConfig, model: Model, noise_multiplier: float, *,
@@ -127,7 +137,7 @@ def build_step(cell: CellConfig, model: Model, noise_multiplier: float, *,
                           None if engine else cell.engine_mode, cell.ghost_fallback)
     step = make_step(resolved, model.loss, optimizer, dp, donate=True,
                      expected_batch_size=cell.batch_size if poisson else None,
-                     steps_per_call=cell.steps_per_call, devices=cell.devices,
+                     steps_per_call=cell.steps_per_call, devices=cell.global_devices,
                      clipped_sum=clipped_sum)
     return step, optimizer
 
@@ -149,8 +159,8 @@ def time_cell(cell: CellConfig, noise_multiplier: float, *, clipped_sum: Callabl
     step, optimizer = build_step(cell, model, noise_multiplier, clipped_sum=clipped_sum,
                                  engine=engine)
 
-    params = model.init(keys.init)
-    state = (params, optimizer.init(params))
+    params = model.init(keys.init)  # the same on every process: the same key
+    state = step.place_state((params, optimizer.init(params)))
     n_params = count_params(params)
     mean_loss = _mean_loss_fn(model)
     eval_x, eval_y = data.x[:EVAL_EXAMPLES], data.y[:EVAL_EXAMPLES]
@@ -176,7 +186,9 @@ def time_cell(cell: CellConfig, noise_multiplier: float, *, clipped_sum: Callabl
             cell, model, noise_multiplier, optimizer, clock.state, sampler, keys.noise,
             budget_s=cell.timing.budget_s,
             expected_batch_size=cell.batch_size if cell.dp.sampling == "poisson" else None)
-    params_end = clock.state[0]
+    if cell.processes > 1:
+        fields.update(_across_processes(fields, clock.state[0]))
+    params_end = distributed.local_copy(clock.state[0])
     if cell.private and noise_multiplier > 0:
         fields["noise_step_s"] = noise_seconds(params_end, keys.noise, noise_multiplier)
     loss_end = float(mean_loss(params_end, eval_x, eval_y))
@@ -192,10 +204,36 @@ def time_cell(cell: CellConfig, noise_multiplier: float, *, clipped_sum: Callabl
         fields.update(sampler.stats())
     if step.engine.ghost is not None and cell.private:  # how each layer was clipped
         from ablation.core.clipping import layer_rules
-        rows = first.x.shape[first.x.ndim - data.x.ndim] // cell.devices  # each device's batch
+        rows = first.x.shape[first.x.ndim - data.x.ndim] // cell.global_devices  # a device's
         fields["ghost_rules"] = layer_rules(model.loss, params, data.x[0], data.y[0],
                                             cell.ghost_fallback, batch_size=rows)
     return fields
+
+
+def _across_processes(fields: dict[str, Any], params: Any) -> dict[str, Any]:
+    """A run's timing is its slowest process's: each process's median and throughput per
+    step (``process_step_s``, ``process_throughput_s``), the run's the largest of them. And
+    the parameters' hash on every process (``process_params_sha``), which must agree: the
+    noise is drawn from one key on every device."""
+    import hashlib
+
+    import numpy as np
+    own = [fields.get("median_step_s") or np.nan, fields.get("throughput_step_s") or np.nan,
+           jax.local_device_count()]
+    every = distributed.gather(own)  # [processes, 3]
+    leaves = jax.tree.leaves(distributed.local_copy(params))
+    digest = hashlib.sha256(b"".join(np.asarray(a).tobytes() for a in leaves)).digest()
+    hashes = distributed.gather(np.frombuffer(digest[:8], np.uint16).astype(np.float64))
+    out = {"process_step_s": [float(v) for v in every[:, 0]],
+           "process_throughput_s": [float(v) for v in every[:, 1]],
+           "process_devices": [int(v) for v in every[:, 2]],
+           "process_params_sha": ["".join(f"{int(h):04x}" for h in row) for row in hashes],
+           "median_step_s": float(np.nanmax(every[:, 0])),
+           "throughput_step_s": float(np.nanmax(every[:, 1]))}
+    if fields.get("epoch_estimated"):
+        out["median_epoch_s"] = fields["median_epoch_s"] / fields["throughput_step_s"] * \
+            out["throughput_step_s"]
+    return out
 
 
 def noise_seconds(params, key: jax.Array, noise_multiplier: float, calls: int = 20) -> float:
@@ -247,6 +285,6 @@ def _test_accuracy(model, params, cell: CellConfig) -> float | None:
 
 
 def _device_peak_bytes() -> int | None:
-    """Peak bytes in use on the first device (GPUs report it; the CPU client does not)."""
-    stats = jax.devices()[0].memory_stats()
+    """Peak bytes in use on this process's first device (GPUs report it; CPUs do not)."""
+    stats = jax.local_devices()[0].memory_stats()
     return None if not stats else stats.get("peak_bytes_in_use")

@@ -97,10 +97,9 @@ def system_of(row: Mapping[str, Any]) -> str:
         return "pytorch"
     if engine == "tfp":
         return "keras[xla]" if row.get("xla") is True else "keras"
-    if engine in ("ghost", "jax_privacy"):
-        devices = row.get("devices")
-        many = devices is not None and devices == devices and devices > 1
-        return f"both[{int(devices)} devices]" if many else "both"
+    if engine in ("ghost", "jax_privacy"):  # both's label, with the same layout tags
+        return engine_label({**dict(row), "engine": "both", "engine_mode": None,
+                             "ghost_fallback": None})
     return row["engine_label"]
 
 
@@ -133,7 +132,8 @@ def timing_frame(records_frame: pd.DataFrame, *, ok_only: bool = True) -> pd.Dat
     if frame.empty:
         return empty
     for column in ("loop", "engine_mode", "unroll", "pool", "tied", "ghost_fallback",
-                   "experiment", "finished_at", "xla", "devices", "microbatch_size"):
+                   "experiment", "finished_at", "xla", "devices", "microbatch_size",
+                   "processes", "scaling", "process_step_s"):
         if column not in frame:
             frame[column] = None
     frame["engine_label"] = frame.apply(engine_label, axis=1)
@@ -153,7 +153,8 @@ def timing_frame(records_frame: pd.DataFrame, *, ok_only: bool = True) -> pd.Dat
     columns = [*CELL, "system", "engine", "framework", "device", "family", "identity", "experiment",
                "status", "compile_s", "first_step_s", "first_epoch_s", "median_step_s",
                "iqr_step_s", "steps_timed", "throughput_step_s", "median_epoch_s",
-               "epoch_estimated", "spread", "epsilon", "n_params", "started_at", "error", "path"]
+               "epoch_estimated", "spread", "epsilon", "n_params", "started_at", "error",
+               "processes", "scaling", "process_step_s", "path"]
     return frame[[c for c in columns if c in frame]].reset_index(drop=True)
 
 

@@ -426,6 +426,38 @@ def overhead(frame: pd.DataFrame, *, engine: str = "both",
     return _with_marks(fig, drawn)
 
 
+def scaling(frame: pd.DataFrame) -> plt.Figure:
+    """Throughput over processes (``experiment=scaling``): examples per second ÷ the
+    one-process cell's, per model, for each system and for strong (fixed global batch) and
+    weak (fixed per-process batch) scaling; the dashed line is perfect scaling."""
+    from ablation.report.scaling import scaling_table
+    table = scaling_table(analysis.one_family(frame))
+    if table.empty:
+        raise MissingCells("no cell of more than one process")
+    drawn = marks(table, ["model", "system", "scaling", "processes"],
+                  ["batch", "ms/step", "examples/s", "× 1 process"], "scaling")
+    models = analysis.models_in(table)
+    fig, axes = plt.subplots(1, len(models), figsize=(0.6 + 3.4 * len(models), 3.6),
+                             squeeze=False, sharey=True)
+    top = max(table["processes"])
+    for ax, model in zip(axes[0], models):
+        part = table[table["model"] == model]
+        sns.lineplot(part, x="processes", y="× 1 process", hue="system", style="scaling",
+                     markers=True, ax=ax, errorbar=None,
+                     style_order=[s for s in ("strong", "weak") if s in set(part["scaling"])])
+        ax.plot([1, top], [1, top], color="grey", lw=0.8, ls="--", label="perfect")
+        ax.set_xticks(sorted(table["processes"].unique()))
+        ax.set_title(model, fontsize=9)
+        ax.set_xlabel("processes")
+        ax.set_ylabel("examples/s ÷ 1 process (×)")
+        if ax is not axes[0][-1] and ax.get_legend():
+            ax.get_legend().remove()
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle(f"Scaling over processes{_device_title(frame)}", fontsize=10)
+    fig.tight_layout()
+    return _with_marks(fig, drawn)
+
+
 def save(fig: plt.Figure, folder: str | Path, name: str) -> list[Path]:
     """Write ``name.png``, ``name.pdf`` and ``name.csv`` (the numbers drawn, one row per mark,
     with the record behind each) into ``folder``; closes the figure."""
@@ -497,6 +529,8 @@ def draw_all(roots: Sequence[str | Path], out: str | Path,
             jobs.append(("privacy_overhead", lambda: overhead(t)))
         if not pairs.query("engine_label == 'ghost'").empty:  # the engine built to cut it
             jobs.append(("privacy_overhead_ghost", lambda: overhead(t, engine="ghost")))
+        if (t["processes"].fillna(1) > 1).any():
+            jobs.append(("scaling", lambda: scaling(t)))
         written += _save_all(jobs, folder, device, family, skipped)
         folders.append((device, family, folder, t))
     for device, family, m in analysis.groups(memory):

@@ -42,6 +42,9 @@ def engine_label(row: Any) -> str:
     devices = row.get("devices")
     if not missing(devices) and devices and devices > 1:
         tags.append(f"{int(devices)} devices")
+    processes = row.get("processes")
+    if not missing(processes) and processes and processes > 1:
+        tags.append(f"{int(processes)} processes")
     return f"{engine}[{','.join(tags)}]" if tags else engine
 
 

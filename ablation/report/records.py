@@ -30,9 +30,11 @@ SKIPPED_FILE = "skipped.json"
 STATUSES = ("ok", "oom", "error", "timeout")
 #: Config keys that do not change what a cell measures (left out of its identity hash).
 VOLATILE_KEYS = ("resume", "hydra", "paths", "timing.progress", "timing.timeout_s",
-                 "memory.timeout_s", "data.cache_dir", "data.download")
+                 "memory.timeout_s", "data.cache_dir", "data.download",
+                 "distributed.coordinator", "distributed.process_id")
 #: What a cell is within a sweep: a record's family is its config without these.
-GRID_KEYS = ("engine", "model", "batch_size", "private", "memory.predict_only")
+GRID_KEYS = ("engine", "model", "batch_size", "private", "memory.predict_only",
+             "distributed.processes", "distributed.scaling")
 #: The machine and code half of a record's identity (besides each framework's own versions).
 MACHINE_KEYS = ("platform", "device_kind", "device_count", "cpu_model", "cpu_count", "xla_flags",
                 "accelerator_runtime", "accelerator_plugin", "dp_accounting", "git_sha",
@@ -175,9 +177,9 @@ def environment(devices: bool = True) -> dict[str, Any]:
         "os": platform.platform(), "xla_flags": os.environ.get("XLA_FLAGS") or None,
         **code_version(),
     }
-    if devices:
+    if devices:  # this process's (a run of several processes: the machine of process 0)
         import jax
-        devs = jax.devices()
+        devs = jax.local_devices()
         env.update(platform=devs[0].platform, device_kind=devs[0].device_kind,
                    device_count=len(devs), **accelerator_stack(devs[0]))
     return env
@@ -214,6 +216,10 @@ def config_hash(config: Mapping[str, Any], kind: str = "timing") -> str:
     """A stable identity of what a job measures: sha256 of its config without volatile keys."""
     for key in VOLATILE_KEYS + OTHER_KIND_KEYS.get(kind, ()):
         config = _drop(config, key)
+    distributed = config.get("distributed")
+    if isinstance(distributed, Mapping) and (distributed.get("processes") or 1) == 1:
+        # One process is what every cell was before runs over several: the same identity.
+        config = _drop(config, "distributed")
     blob = json.dumps(config, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -23,12 +23,14 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from ablation.report.analysis import timing_frame
 from ablation.report.benchmarks import format_cost
 from ablation.report.labels import (  # noqa: F401  (public names of the summary)
     DEFAULT_MODES, ENGINE_ORDER, MIN_STEPS_FOR_SPREAD, engine_label, missing, model_label,
     format_ratio, ratio_digits, significant, timing_rows)
 from ablation.report.records import (OTHER_KIND_KEYS, VOLATILE_KEYS, config_hash,
                                      record_family, records_with_reused, warn_unreadable)
+from ablation.report.scaling import format_scaling
 
 FORMATS = ("text", "markdown", "csv")
 CELL_KEYS = ("family", "model_label", "data", "batch_size", "private")
@@ -325,6 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             cost = format_cost(frame, targets=args.targets)
             print("\n=== the cost of privacy (ms per step, throughput) ===\n"
                   + (cost or "(no ghost rows beside their baselines)"))
+        scaled = format_scaling(timing_frame(frame))
+        if scaled:
+            print("\n=== scaling over processes ===\n" + scaled)
         if len(args.folders) > 1:
             print()
     if len(frames) == 2:

@@ -33,6 +33,11 @@ def _report_kind(folder: Path, frame, kind: str) -> None:
         cost = format_cost(frame)
         if cost:  # a sweep with the ghost engine beside its baselines: the side-by-side table
             text += "\n\n=== the cost of privacy (ms per step, throughput) ===\n" + cost
+        from ablation.report.analysis import timing_frame
+        from ablation.report.scaling import format_scaling
+        scaled = format_scaling(timing_frame(frame))
+        if scaled:  # a sweep over process counts: each beside one process
+            text += "\n\n=== scaling over processes ===\n" + scaled
     else:
         from ablation.report.summary import format_memory_summary
         text = format_memory_summary(frame)

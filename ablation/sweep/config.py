@@ -37,6 +37,7 @@ KNOWN_KEYS: dict[str, frozenset[str] | None] = {
     "dp": frozenset(f.name for f in dataclasses.fields(PrivacyConfig)),
     "optim": frozenset({"lr"}),
     "train": frozenset({"steps_per_call"}),
+    "distributed": frozenset({"processes", "coordinator", "process_id", "scaling"}),
     "timing": frozenset(f.name for f in dataclasses.fields(TimingConfig)),
     "memory": frozenset(f.name for f in dataclasses.fields(ProbeSettings)),
     "paths": frozenset({"output_dir"}),
@@ -139,6 +140,7 @@ def cell_from_dict(cfg: Mapping[str, Any]) -> CellConfig:
     if devices > 1 and engine_name not in ("both", "ghost"):
         raise ConfigError(f"engine.devices={devices} needs engine=both or ghost (a compiled, "
                           f"vectorised step to split over devices), not engine={engine_name}")
+    processes, coordinator, process_id, scaling = _distributed(cfg, engine_name)
     train = _get(cfg, "train", {}) or {}
     steps_per_call = _int(train.get("steps_per_call", 1), "train.steps_per_call", minimum=1)
     if steps_per_call > 1:
@@ -216,7 +218,12 @@ def cell_from_dict(cfg: Mapping[str, Any]) -> CellConfig:
         data_limit=None if limit is None else _int(limit, "data.limit", minimum=1),
         data_cache_dir=data.get("cache_dir"),
         download=_bool(data.get("download", True), "data.download"),
-        batch_size=_int(_get(cfg, "batch_size", 64), "batch_size", minimum=1),
+        batch_size=_int(_get(cfg, "batch_size", 64), "batch_size", minimum=1) * (
+            processes if scaling == "weak" else 1),
+        processes=processes,
+        coordinator=coordinator,
+        process_id=process_id,
+        scaling=scaling,
         private=private,
         epochs=epochs,
         seed=_int(_get(cfg, "seed", 42), "seed", minimum=0),
@@ -224,6 +231,9 @@ def cell_from_dict(cfg: Mapping[str, Any]) -> CellConfig:
         dp=dp_cfg,
         timing=timing_cfg,
     )
+    if cell.processes > 1 and cell.timing.cost_split:
+        raise ConfigError("timing.cost_split times one process's step part by part; it needs "
+                          "distributed.processes=1")
     model_obj = _model_or_error(cell)
     if cell.data == "arrays":
         from ablation.data.arrays import ArraysError, check_file
@@ -293,6 +303,40 @@ def _check_batch(cell: CellConfig, model) -> None:
     if cell.devices > 1 and cell.dp.sampling != "poisson" and cell.batch_size % cell.devices:
         raise ConfigError(f"batch_size={cell.batch_size} does not divide over engine.devices="
                           f"{cell.devices} (each device takes an equal share)")
+    if cell.processes > 1 and cell.batch_size % cell.global_devices:
+        raise ConfigError(f"batch_size={cell.batch_size} does not divide over the "
+                          f"{cell.global_devices} devices of distributed.processes="
+                          f"{cell.processes} (each process takes an equal share; under "
+                          "Poisson sampling, an equal expected share)")
+
+
+#: ``distributed.scaling``: ``strong`` (``batch_size`` is the global batch) or ``weak`` (it is
+#: each process's: the global batch is ``batch_size × processes``).
+SCALINGS = ("strong", "weak")
+
+
+def _distributed(cfg: Mapping[str, Any], engine: str) -> tuple[int, str | None, int | None, str]:
+    """``distributed.*``: processes, coordinator, process id and scaling, validated."""
+    d = _get(cfg, "distributed", {}) or {}
+    processes = _int(d.get("processes", 1) or 1, "distributed.processes", minimum=1)
+    scaling = _choice(d.get("scaling", "strong") or "strong", "distributed.scaling", SCALINGS)
+    coordinator = d.get("coordinator")
+    if coordinator is not None:
+        coordinator = str(coordinator)
+        host, sep, port = coordinator.rpartition(":")
+        if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(f"distributed.coordinator must be host:port, got {coordinator!r}")
+    process_id = d.get("process_id")
+    if process_id is not None:
+        process_id = _int(process_id, "distributed.process_id", minimum=0)
+        if process_id >= processes:
+            raise ConfigError(f"distributed.process_id={process_id} must be below "
+                              f"distributed.processes={processes}")
+    if processes > 1 and engine not in ("both", "ghost"):
+        raise ConfigError(f"distributed.processes={processes} needs engine=both or ghost (a "
+                          f"compiled, vectorised step to split over processes), not "
+                          f"engine={engine}")
+    return processes, coordinator, process_id, scaling
 
 
 def probe_settings_from_dict(memory: Mapping[str, Any] | None):

@@ -28,7 +28,8 @@ from ablation.report.records import (REPO_ROOT, RESULT_FILE, SCHEMA, SKIPPED_FIL
                                      one_line, read_json, record_identity, write_json)
 from ablation.sweep.failures import CRASH
 from ablation.sweep.folders import holding
-from ablation.sweep.launch import Terminated, run_worker
+from ablation.sweep.launch import ChildOutcome, Terminated, run_worker, run_workers
+from ablation.sweep.processes import Launch, plan_launch, process_environments
 from models.custom import source_digest
 
 #: Rows whose framework draws its own noise (PyTorch's or TensorFlow's generator).
@@ -41,7 +42,8 @@ MEASUREMENT_FIELDS = (
     "throughput_bursts_s", "epoch_times_s", "first_epoch_s", "median_epoch_s",
     "epoch_estimated", "steps_timed", "steps_run", "inputs_reused", "noise_step_s", "n_compiles",
     "compiled_functions", "loss_start", "loss_end", "test_accuracy", "device_peak_bytes",
-    "ghost_rules", "cost_split_s")
+    "ghost_rules", "cost_split_s", "launched_by", "process_step_s", "process_throughput_s",
+    "process_devices", "process_params_sha")
 
 
 @functools.lru_cache(maxsize=256)
@@ -53,10 +55,15 @@ def privacy_of(cell: CellConfig) -> PrivacyReport | None:
     """The guarantee of the configured training length (None for non-private cells)."""
     if not cell.private:
         return None
-    n = training_size(cell)
-    capacity = (poisson_capacity(cell.batch_size, n, cell.dp.capacity_sigmas, cell.devices)
+    n, batch = training_size(cell), cell.batch_size
+    if cell.dp.sampling == "poisson" and cell.processes > 1:
+        # Each process samples its own shard (n // P examples, rate q = B / (P·shard)) and
+        # truncates at its own capacity: a neighbouring dataset differs in one shard, whose
+        # mechanism is the truncated subsampled Gaussian of that shard.
+        n, batch = n // cell.processes, batch // cell.processes
+    capacity = (poisson_capacity(batch, n, cell.dp.capacity_sigmas, cell.devices)
                 if cell.dp.sampling == "poisson" else None)
-    return _cached_privacy(noise_multiplier=cell.dp.noise_multiplier, batch_size=cell.batch_size,
+    return _cached_privacy(noise_multiplier=cell.dp.noise_multiplier, batch_size=batch,
                            n_train=n, epochs=cell.epochs, delta=cell.dp.delta,
                            accountant=cell.dp.accountant, sampling=cell.dp.sampling,
                            capacity=capacity, target_epsilon=cell.dp.target_epsilon)
@@ -71,6 +78,15 @@ def _privacy_fields(report: PrivacyReport | None, cell: CellConfig) -> dict[str,
             "sampling": report.sampling, "sampling_rate": report.sampling_rate,
             "accounted_steps": report.accounted_steps, "noise_multiplier": report.noise_multiplier,
             "accounting_note": report.note}
+
+
+def _sharding(cell: CellConfig) -> str | None:
+    if cell.processes > 1:
+        return (f"batch split over {cell.global_devices} devices of {cell.processes} processes "
+                f"({cell.devices} each; jax.distributed, shard_map, psum of clipped sums)")
+    if cell.devices > 1:
+        return f"batch split over {cell.devices} devices (shard_map, psum of clipped sums)"
+    return None
 
 
 def base_record(cell: CellConfig, config: Mapping[str, Any], kind: str,
@@ -101,8 +117,9 @@ def base_record(cell: CellConfig, config: Mapping[str, Any], kind: str,
         "pool": cell.pool if cell.model == "cnn" else None,
         "tied": cell.tied if cell.model == "transformer" else None,
         "steps_per_call": cell.steps_per_call, "devices": cell.devices,
-        "sharding": (f"batch split over {cell.devices} devices (shard_map, psum of clipped sums)"
-                     if cell.devices > 1 else None),
+        "processes": cell.processes, "scaling": cell.scaling,
+        "process_batch_size": cell.batch_size // cell.processes,
+        "sharding": _sharding(cell),
         "dataset": model.dataset.name, "data": cell.data, "batch_size": cell.batch_size,
         "private": cell.private, "clip_norm": cell.dp.clip_norm, "lr": cell.lr,
         "seed": cell.seed, "epochs": cell.epochs, "timing_mode": cell.timing.mode,
@@ -195,14 +212,79 @@ def run_timing_job(cell: CellConfig, config: Mapping[str, Any], job_dir: str | P
     Raises:
       FolderBusy: another job is writing into ``job_dir`` (nothing was written).
     """
+    launch, plan_error = None, None
+    if cell.processes > 1:
+        try:
+            launch = plan_launch(cell)
+        except ValueError as error:
+            plan_error = one_line(error)
+    if launch is not None and not launch.writes_record:
+        return _follow_run(cell, job_dir, launch)
     with holding(Path(job_dir), "job"):
-        return _timing_job(cell, config, job_dir, **options)
+        return _timing_job(cell, config, job_dir, launch=launch, plan_error=plan_error,
+                           **options)
+
+
+def _follow_run(cell: CellConfig, job_dir: str | Path, launch: Launch) -> dict[str, Any]:
+    """One process (rank > 0) of a run whose tasks a launcher started: it runs its worker and
+    writes no record (process 0 writes the cell's); returns what its worker reported."""
+    report = privacy_of(cell)
+    spec = {"task": "timing", "cell": cell.to_dict(),
+            "noise_multiplier": report.noise_multiplier if report else cell.dp.noise_multiplier,
+            "dataset": dataclasses.asdict(model_of(cell).dataset), "process": launch.rank,
+            "coordinator": launch.coordinator}
+    folder = Path(job_dir) / f".process-{launch.rank}"
+    folder.mkdir(parents=True, exist_ok=True)
+    outcome = run_worker(spec, folder, timeout_s=cell.timing.timeout_s,
+                         python=interpreter_for(cell.engine), name="cell")
+    print(f"[process {launch.rank} of {cell.processes}] {outcome.result.get('status')}"
+          + (f": {outcome.result.get('error')}" if outcome.result.get("error") else ""),
+          flush=True)
+    return {"status": outcome.result.get("status"), "error": outcome.result.get("error"),
+            "process": launch.rank}
+
+
+def _run_processes(cell: CellConfig, spec: Mapping[str, Any], job_dir: Path, launch: Launch,
+                   python: str | None) -> ChildOutcome:
+    """The worker processes of a run of several, as one outcome: process 0's result where
+    every process ended ok, else the first failure, naming its process."""
+    n = cell.processes
+    if launch.rank is not None:  # a launcher started the other processes as their own tasks
+        outcome = run_worker({**spec, "process": 0, "coordinator": launch.coordinator},
+                             job_dir, timeout_s=cell.timing.timeout_s, python=python)
+        outcome.result.setdefault("launched_by", launch.by)
+        return outcome
+    specs = [{**spec, "process": i, "coordinator": launch.coordinator} for i in range(n)]
+    try:
+        envs = process_environments(n, cell.devices)
+    except ValueError as error:
+        return ChildOutcome({"status": "error", "error": one_line(error),
+                             "launched_by": launch.by}, 0, 0.0, False)
+    outcomes = run_workers(specs, job_dir, timeout_s=cell.timing.timeout_s, python=python,
+                           envs=envs)
+    wall = max(o.wall_s for o in outcomes)
+    failed = [(o.wall_s, o.timed_out, i, o) for i, o in enumerate(outcomes)
+              if o.result.get("status") != "ok"]
+    if not failed:
+        return ChildOutcome({**outcomes[0].result, "launched_by": launch.by},
+                            outcomes[0].returncode, wall, False)
+    # The cause: a process that failed by itself (not one stopped here after it), earliest.
+    _, _, i, first = min(failed, key=lambda f: (f[1], f[0]))
+    env = next((o.result.get("env") for o in outcomes if o.result.get("env")), None)
+    result = {"status": first.result.get("status") or "error",
+              "error": f"process {i} of {n}: {first.result.get('error')}", "env": env,
+              "launched_by": launch.by,
+              "process_status": [o.result.get("status") for o in outcomes]}
+    if "config_hash" in outcomes[0].result:
+        result["config_hash"] = outcomes[0].result["config_hash"]
+    return ChildOutcome(result, first.returncode, wall, first.timed_out)
 
 
 def _timing_job(cell: CellConfig, config: Mapping[str, Any], job_dir: str | Path, *,
                 resume: bool = False, resume_root: str | Path = "outputs",
                 experiment: str | None = None, launcher: str = "basic",
-                concurrent_cells: int = 1) -> dict[str, Any]:
+                concurrent_cells: int = 1, launch: Launch | None = None,
+                plan_error: str | None = None) -> dict[str, Any]:
     job_dir, record, done = open_job(cell, config, "timing", job_dir, resume, resume_root,
                                      experiment, launcher=launcher,
                                      concurrent_cells=concurrent_cells)
@@ -215,6 +297,8 @@ def _timing_job(cell: CellConfig, config: Mapping[str, Any], job_dir: str | Path
         report = None
         record.update(status="error", error=f"privacy accounting failed: {one_line(error)}")
     record.update(_privacy_fields(report, cell))
+    if record["status"] is None and plan_error:
+        record.update(status="error", error=plan_error)
     if record["status"] is None and cell.data == "real":
         error = fetch_real_data(cell)
         if error:
@@ -235,7 +319,11 @@ def _timing_job(cell: CellConfig, config: Mapping[str, Any], job_dir: str | Path
                 "dataset": dataclasses.asdict(model_of(cell).dataset),
                 "config_hash": record["config_hash"]}
         try:
-            outcome = run_worker(spec, job_dir, timeout_s=cell.timing.timeout_s, python=python)
+            if launch is not None:
+                outcome = _run_processes(cell, spec, job_dir, launch, python)
+            else:
+                outcome = run_worker(spec, job_dir, timeout_s=cell.timing.timeout_s,
+                                     python=python)
         except (Terminated, KeyboardInterrupt) as stop:
             # Stopped from outside (a scheduler's time limit or preemption, kill, Ctrl-C): the
             # cell still gets its record, so a resumed sweep knows to run it again.

@@ -107,6 +107,112 @@ def run_worker(spec: Mapping[str, Any], workdir: str | os.PathLike, *, timeout_s
     return outcome
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now (for a local run's coordinator)."""
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def run_workers(specs: list[Mapping[str, Any]], workdir: str | os.PathLike, *,
+                timeout_s: float, grace_s: float = 60.0, failed_grace_s: float = 5.0,
+                env: Mapping[str, str] | None = None, python: str | None = None,
+                envs: list[Mapping[str, str]] | None = None) -> list[ChildOutcome]:
+    """Run the processes of one run at once (``python -m ablation.sweep.worker`` on each of
+    ``specs``, process i writing ``process-i.*`` files in ``workdir``) and watch them together.
+
+    The run is as good as its worst process: once one ends without an ok result (an error,
+    a death by signal), the others get ``failed_grace_s`` seconds to say their own error and
+    are then killed (a peer blocked in a collective with a dead process never returns by
+    itself); once one ends ok, the others get ``grace_s`` to finish too. So no process
+    outlives the run; past ``timeout_s`` all are killed.
+    Each outcome is its process's own; one killed here says ``killed after process k ...``.
+    ``envs`` adds to each process's environment (its own GPUs).
+    """
+    workdir = Path(workdir)
+    child_env = dict(os.environ)
+    child_env.update(env or {})
+    child_env.setdefault("PYTHONUNBUFFERED", "1")
+    child_env["DPSGD_WORKER_PARENT"] = str(os.getpid())
+    root = str(Path(__file__).resolve().parents[2])
+    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, child_env.get("PYTHONPATH")) if p)
+    outs, procs = [], []
+    start = time.perf_counter()
+    with _sigterm_raises():
+        try:
+            for i, spec in enumerate(specs):
+                spec_path = write_json(workdir / f"process-{i}.spec.json", dict(spec))
+                out = workdir / f"process-{i}.out.json"
+                out.unlink(missing_ok=True)
+                outs.append(out)
+                procs.append(subprocess.Popen(
+                    [python or sys.executable, "-m", "ablation.sweep.worker", str(spec_path),
+                     str(out)], env={**child_env, **(envs[i] if envs else {})},
+                    start_new_session=True))
+            return _watch(procs, outs, timeout_s, (grace_s, failed_grace_s), start)
+        except BaseException:  # Ctrl-C or SIGTERM in the parent: take every process down
+            for proc in procs:
+                _kill_group(proc)
+                proc.wait()
+            raise
+
+
+def _watch(procs: list[subprocess.Popen], outs: list[Path], timeout_s: float,
+           graces: tuple[float, float], start: float) -> list[ChildOutcome]:
+    """Wait for ``procs`` as :func:`run_workers` says; their outcomes, in order."""
+    ended: dict[int, tuple[int, float]] = {}  # process -> (return code, wall seconds)
+    first_end: tuple[int, bool, float] | None = None  # (process, ok, when)
+    killed: dict[int, str] = {}
+    while len(ended) < len(procs):
+        now = time.perf_counter()
+        for i, proc in enumerate(procs):
+            if i in ended or proc.poll() is None:
+                continue
+            ended[i] = (proc.returncode, now - start)
+            if first_end is None:
+                first_end = (i, _ok(outs[i]), now)
+        if len(ended) == len(procs):
+            break
+        overdue = now - start > timeout_s
+        grace_s = 0.0 if first_end is None else graces[0] if first_end[1] else graces[1]
+        late = first_end is not None and now - first_end[2] > grace_s
+        if overdue or late:
+            for i, proc in enumerate(procs):
+                if i not in ended:
+                    _kill_group(proc)
+                    proc.wait()
+                    ended[i] = (proc.returncode, time.perf_counter() - start)
+                    killed[i] = ("timeout" if overdue else
+                                 f"killed {grace_s:g} s after process {first_end[0]} "
+                                 f"{'finished' if first_end[1] else 'failed'}, still running "
+                                 "(hung)")
+            break
+        time.sleep(0.1)
+    outcomes = []
+    for i, out in enumerate(outs):
+        returncode, wall_s = ended[i]
+        if i in killed and killed[i] == "timeout":
+            result = {"status": "timeout", "error": f"cell ran past its {timeout_s:g} s limit"}
+        elif i in killed:
+            result = {"status": "error", "error": killed[i]}
+        elif out.exists():
+            result = read_json(out)
+            out.unlink()
+        else:
+            status, reason = status_of_exit(returncode, memory_capped=False)
+            result = {"status": status, "error": reason}
+        outcomes.append(ChildOutcome(result, returncode, wall_s, i in killed))
+    return outcomes
+
+
+def _ok(out: Path) -> bool:
+    try:
+        return out.exists() and read_json(out).get("status", "ok") == "ok"
+    except (OSError, ValueError):
+        return False
+
+
 #: The signals a scheduler or a terminal sends before it kills a job: SIGTERM (``kill``,
 #: ``timeout``, SLURM's time limit or preemption), SIGHUP (the terminal went away), SIGUSR1 and
 #: SIGUSR2 (SLURM's ``--signal`` warning; submitit's time-limit and preemption signal).

@@ -55,11 +55,22 @@ def run_task(spec: dict[str, Any]) -> dict[str, Any]:
     return handlers[task](spec)
 
 
+def _join_run(spec: dict[str, Any]) -> None:
+    """A process of a run of several: join it (``jax.distributed``) before any device use."""
+    rank = spec.get("process")
+    if rank is None:
+        return
+    from ablation.core.distributed import ProcessSet, initialize
+    initialize(ProcessSet(spec["cell"]["processes"], rank, spec.get("coordinator")),
+               timeout_s=int(spec.get("join_timeout_s", 120)))
+
+
 def _timing(spec: dict[str, Any]) -> dict[str, Any]:
     """Time one cell with its framework's timing (each imported only when it runs)."""
     from ablation.measure.settings import cell_from_plain
     cell = cell_from_plain(spec["cell"])
     sigma = spec["noise_multiplier"]
+    _join_run(spec)
     _check_twin(cell)
     if cell.engine == "opacus":
         from ablation.reference.opacus import time_cell_torch

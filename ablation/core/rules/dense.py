@@ -65,11 +65,12 @@ def gram_rounding_bound(aa: jax.Array, gg: jax.Array, inputs: int, outputs: int)
     Each inner product of length d is off by at most ``γ_d ‖a_t‖‖a_s‖`` (``γ_n = n·u``, u the
     unit roundoff), likewise for g; the products and the two sums of T terms add
     ``(2T + 2)·u`` of ``Σ_ts |a_t·a_s||g_t·g_s|``. So the error is at most
-    ``γ_d Σ_ts ‖a_t‖‖a_s‖|g_t·g_s| + γ_p Σ_ts |a_t·a_s|‖g_t‖‖g_s‖ + (2T+2)u Σ_ts |a_t·a_s||g_t·g_s|``
-    to first order, plus ``2 γ_d γ_p (Σ_t ‖a_t‖‖g_t‖)²`` for the second. The norms are the
-    Gram matrices' diagonals (sums of squares: relative error ``γ_d/2``, ``γ_p/2``); the factor
-    1.1 and 4 more roundoffs per width cover that and the rounding of the bound itself (its
-    terms are all non-negative, so that is relative: ``T²·u`` ≤ 0.1 for any T below 1,290).
+    ``γ_d Σ_ts ‖a_t‖‖a_s‖|g_t·g_s| + γ_p Σ_ts |a_t·a_s|‖g_t‖‖g_s‖
+    + (2T+2)u Σ_ts |a_t·a_s||g_t·g_s|`` to first order, plus ``2 γ_d γ_p (Σ_t ‖a_t‖‖g_t‖)²``
+    for the second. The norms are the Gram matrices' diagonals (sums of squares: relative error
+    ``γ_d/2``, ``γ_p/2``); the factor 1.1 and 4 more roundoffs per width cover that and the
+    rounding of the bound itself (its terms are all non-negative, so that is relative:
+    ``T²·u`` ≤ 0.1 for any T below 1,290).
     """
     count = aa.shape[1]
     na = jnp.sqrt(jnp.diagonal(aa, axis1=1, axis2=2))  # [B, T]: ‖a_t‖
