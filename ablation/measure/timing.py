@@ -40,6 +40,7 @@ from ablation.data.samplers import (Batch, PoissonSampler, ProcessRows, ShuffleS
                                     run_keys)
 from ablation.measure.clock import PreparedClock, run_timing_loop
 from ablation.measure.cost_split import measure_cost_split, supports_cost_split
+from ablation.measure.noise_floor import gaussian_rates, noise_floor_s
 from ablation.measure.settings import CellConfig, model_of
 from models import Model, count_params
 
@@ -191,6 +192,9 @@ def time_cell(cell: CellConfig, noise_multiplier: float, *, clipped_sum: Callabl
     params_end = distributed.local_copy(clock.state[0])
     if cell.private and noise_multiplier > 0:
         fields["noise_step_s"] = noise_seconds(params_end, keys.noise, noise_multiplier)
+        # The yardstick: no exact private step goes below non-private + this draw.
+        rates = gaussian_rates(n_params)
+        fields.update(gaussian_ns=rates, noise_floor_s=noise_floor_s(n_params, rates))
     loss_end = float(mean_loss(params_end, eval_x, eval_y))
     if cell.data == "real":
         fields["test_accuracy"] = _test_accuracy(model, params_end, cell)

@@ -42,7 +42,8 @@ MEASUREMENT_FIELDS = (
     "throughput_bursts_s", "epoch_times_s", "first_epoch_s", "median_epoch_s",
     "epoch_estimated", "steps_timed", "steps_run", "inputs_reused", "noise_step_s", "n_compiles",
     "compiled_functions", "loss_start", "loss_end", "test_accuracy", "device_peak_bytes",
-    "ghost_rules", "cost_split_s", "launched_by", "process_step_s", "process_throughput_s",
+    "ghost_rules", "cost_split_s", "launched_by", "process_step_s",
+    "gaussian_ns", "noise_floor_s", "process_throughput_s",
     "process_devices", "process_params_sha")
 
 
