@@ -197,8 +197,9 @@ def encoder_verdicts(table: pd.DataFrame) -> list[str]:
 
 
 #: Columns of the cost table that are ratios (printed as every ratio is, :func:`format_ratio`).
-RATIO_COLUMNS = ("ghost / np", "ghost / (np+floor)", "ghost-noise / np", "both / ghost", "opacus best / ghost",
-                 "others best / ghost", "ghost overhead", "opacus overhead", "ghost compile / both")
+RATIO_COLUMNS = ("ghost / np", "ghost / (np+floor)", "ghost-noise / np", "both / ghost",
+                 "opacus best / ghost", "others best / ghost", "ghost overhead", "opacus overhead",
+                 "ghost compile / both")
 
 
 def format_cost(records: pd.DataFrame, *, targets: bool = False) -> str:
