@@ -27,24 +27,7 @@ DEADLINE=$(( $(date +%s) + ${BUDGET_S:-780} ))
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 COMMON=(paths.output_dir="$OUTDIR" timing.progress=false hydra/job_logging=disabled resume=true)
 
-pack() {
-  [[ -n "${OUT:-}" && -d "$OUTDIR" ]] || return 0
-  tar czf "$OUT/records.tgz" --exclude=.hydra --exclude='*.spec.json' --exclude='*.out.json' \
-      --exclude='*.log' "$OUTDIR"
-}
-
-# phase NAME CMD...: run CMD until the deadline; print one line per finished cell.
-phase() {
-  local name=$1; shift
-  local left=$(( DEADLINE - $(date +%s) ))
-  if (( left < 15 )); then echo "== $name: skipped (deadline)"; return 0; fi
-  echo "== $name (${left} s left)"
-  timeout -k 10 "$left" "$@" >>"$LOG" 2>&1
-  local rc=$?
-  (( rc == 124 )) && echo "   stopped at the deadline"
-  (( rc != 0 && rc != 124 )) && echo "   exit $rc (see the log)"
-  pack
-}
+source "$(dirname "$0")/phases.sh"
 
 : >"$LOG"
 "$PY" - <<'EOF' || exit 1

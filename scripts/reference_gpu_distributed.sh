@@ -25,25 +25,8 @@ COMMON=(paths.output_dir="$OUTDIR" timing.progress=false hydra/job_logging=disab
 GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
 echo "GPUs on this node: ${GPUS:-0}"
 
-pack() {
-  [[ -n "${OUT:-}" && -d "$OUTDIR" ]] || return 0
-  tar czf "$OUT/records.tgz" --exclude=.hydra --exclude='*.spec.json' --exclude='*.out.json' \
-      --exclude='*.log' "$OUTDIR"
-}
-
-left() { echo $(( DEADLINE - $(date +%s) )); }
-
-# phase NAME CMD...: run CMD until the deadline.
-phase() {
-  local name=$1; shift
-  if (( $(left) < 30 )); then echo "== $name: skipped (deadline)"; return 0; fi
-  echo "== $name ($(left) s left)"
-  timeout -k 10 "$(left)" "$@" >>"$LOG" 2>&1
-  local rc=$?
-  (( rc == 124 )) && echo "   stopped at the deadline"
-  (( rc != 0 && rc != 124 )) && echo "   exit $rc (see $LOG)"
-  pack
-}
+MIN_LEFT_S=30
+source "$(dirname "$0")/phases.sh"
 
 : >"$LOG"
 "$PY" - <<'PYEOF' || exit 1

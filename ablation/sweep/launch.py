@@ -27,6 +27,19 @@ class ChildOutcome:
     timed_out: bool
 
 
+def _child_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    """A worker's environment: this one's plus ``env``, unbuffered output, this process as its
+    parent to watch, and the repository on its path (it starts as a module from the
+    repository's own package, whatever the caller's cwd)."""
+    child_env = dict(os.environ)
+    child_env.update(env or {})
+    child_env.setdefault("PYTHONUNBUFFERED", "1")
+    child_env["DPSGD_WORKER_PARENT"] = str(os.getpid())
+    root = str(Path(__file__).resolve().parents[2])
+    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, child_env.get("PYTHONPATH")) if p)
+    return child_env
+
+
 def run_process(argv: list[str], *, timeout_s: float, env: Mapping[str, str] | None = None,
                 memory_capped: bool = False, out_path: Path | None = None,
                 log_path: Path | None = None) -> ChildOutcome:
@@ -39,13 +52,7 @@ def run_process(argv: list[str], *, timeout_s: float, env: Mapping[str, str] | N
     ``out_path`` gets a status from its exit (:func:`ablation.sweep.failures.status_of_exit`), where
     ``memory_capped`` says it ran under a memory cap (death by signal then means out of memory).
     """
-    child_env = dict(os.environ)
-    child_env.update(env or {})
-    child_env.setdefault("PYTHONUNBUFFERED", "1")
-    child_env["DPSGD_WORKER_PARENT"] = str(os.getpid())
-    # Started as a module from the repository's own package, whatever the caller's cwd.
-    root = str(Path(__file__).resolve().parents[2])
-    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, child_env.get("PYTHONPATH")) if p)
+    child_env = _child_env(env)
     if out_path is not None:
         out_path.unlink(missing_ok=True)
     start = time.perf_counter()
@@ -131,12 +138,7 @@ def run_workers(specs: list[Mapping[str, Any]], workdir: str | os.PathLike, *,
     ``envs`` adds to each process's environment (its own GPUs).
     """
     workdir = Path(workdir)
-    child_env = dict(os.environ)
-    child_env.update(env or {})
-    child_env.setdefault("PYTHONUNBUFFERED", "1")
-    child_env["DPSGD_WORKER_PARENT"] = str(os.getpid())
-    root = str(Path(__file__).resolve().parents[2])
-    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, child_env.get("PYTHONPATH")) if p)
+    child_env = _child_env(env)
     outs, procs = [], []
     start = time.perf_counter()
     with _sigterm_raises():
