@@ -18,7 +18,7 @@ def run_cli(module: str, *args: str, output_dir: Path, timeout: float = 600,
             env: dict | None = None) -> subprocess.CompletedProcess:
     """``python -m <module> <args> paths.output_dir=<output_dir>``, captured."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="0", **(env or {}))
-    hydra_entry = module in ("ablation.run", "ablation.memory")
+    hydra_entry = module in ("ablation.run", "ablation.memory", "ablation.audit")
     args = list(args)
     if hydra_entry:  # among the overrides: argparse takes them as one run, before ``--cfg ...``
         flags = [i for i, arg in enumerate(args) if arg.startswith("--")]

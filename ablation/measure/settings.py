@@ -143,6 +143,48 @@ def cell_from_plain(d: Mapping[str, Any]) -> CellConfig:
     return CellConfig(**d)
 
 
+#: Canary kinds of the audit (``audit.canary``); ``auto`` picks the adversarial one.
+CANARY_KINDS = ("auto", "offset", "scaled", "repeated", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditSettings:
+    """How ``python -m ablation.audit`` audits a cell (``audit.*`` in the config).
+
+    Attributes:
+      trials: one-step audit, trials per side (in, out); compiled engines batch them over keys.
+      schedule_trials: trials per side of the two-call test of the run's noise-key schedule.
+      loop_trials: the most trials per side for the engines that cannot batch them (vmap and
+        none run eagerly, jit with loop=dispatch loops over compiled calls) ...
+      budget_s: ... and the seconds they may spend on them (the report says how many ran).
+      canary: what the canary is: ``offset`` (an input plus a large shared offset, where a
+        Gram form cancels), ``scaled`` (an input scaled up), ``repeated`` (one token id at
+        every position), ``random``; ``auto``: offset for float inputs, repeated for tokens.
+      canary_ratio: the canary's gradient norm is made ≥ this × C (inputs scaled up; where a
+        network bounds its gradient, the audit clips at norm ÷ ratio instead, and says so).
+      lr: the audit's learning rate. The update is post-processing of the noisy sum, so lr
+        does not change privacy; a small one keeps the released sum readable from the update.
+      controls: also run the broken mechanisms the audit must catch (audit module only).
+      run_steps: whole-run audit: steps of one training run with the canaries (0: skip it).
+      run_canaries: canaries in that run, each included with probability ½.
+      run_examples: ordinary training examples beside them.
+      guesses: the fraction of canaries the one-run bound guesses about (half in, half out).
+    """
+
+    trials: int = 1000
+    schedule_trials: int = 200
+    loop_trials: int = 100
+    budget_s: float = 120.0
+    canary: str = "auto"
+    canary_ratio: float = 100.0
+    lr: float = 1e-3
+    controls: bool = True
+    run_steps: int = 100
+    run_canaries: int = 500
+    run_examples: int = 1000
+    guesses: float = 0.2
+
+
 @dataclasses.dataclass(frozen=True)
 class ProbeSettings:
     """Search settings (``memory.*`` in the config).

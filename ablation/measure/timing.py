@@ -47,6 +47,17 @@ from models import Model, count_params
 EVAL_EXAMPLES = 1024
 
 
+def step_keys(noise_key: jax.Array, call: int, steps_per_call: int = 1) -> jax.Array:
+    """The noise keys of call ``call`` of a run: ``fold_in(noise_key, i)`` for its step ``i``
+    (one key; with ``steps_per_call=K`` the ``[K]`` keys of steps ``call·K … call·K + K − 1``).
+    The run's one key schedule: the clock and the audit (``ablation.measure.audit``) use it."""
+    if steps_per_call == 1:
+        return jax.random.fold_in(noise_key, call)
+    first = call * steps_per_call
+    return jax.vmap(lambda j: jax.random.fold_in(noise_key, j))(
+        jnp.arange(first, first + steps_per_call))
+
+
 class JaxClock(PreparedClock):
     """The clock of a JAX step. Every step gets a fresh noise key, ``fold_in(noise_key, i)``;
     ``state`` holds the training state after the steps run so far.
@@ -66,14 +77,12 @@ class JaxClock(PreparedClock):
         place = getattr(self.step, "place_batch", lambda tree, stacked=False: tree)
         if k == 1:  # split over the devices (of every process) before the clock starts
             batch = place(self.sampler.batch(i))
-            return jax.block_until_ready((batch, jax.random.fold_in(self.noise_key, i)))
+            return jax.block_until_ready((batch, step_keys(self.noise_key, i, 1)))
         batches = [self.sampler.batch(i * k + j) for j in range(k)]
         stacked = Batch(*(None if parts[0] is None else jnp.stack(parts)
                           for parts in zip(*batches)))
         stacked = place(stacked, stacked=True)  # [K, B, ...]: the steps whole, each batch split
-        keys = jax.vmap(lambda j: jax.random.fold_in(self.noise_key, j))(
-            jnp.arange(i * k, (i + 1) * k))
-        return jax.block_until_ready((stacked, keys))
+        return jax.block_until_ready((stacked, step_keys(self.noise_key, i, k)))
 
     @staticmethod
     def agree(value):
@@ -124,19 +133,20 @@ def build_sampler(cell: CellConfig, data, key: jax.Array
 
 
 def build_step(cell: CellConfig, model: Model, noise_multiplier: float, *,
-               clipped_sum: Callable | None = None, engine: str | None = None
-               ) -> tuple[Step, Any]:
-    """The cell's step and its optimizer.
+               clipped_sum: Callable | None = None, engine: str | None = None,
+               donate: bool = True, lr: float | None = None) -> tuple[Step, Any]:
+    """The cell's step and its optimizer (SGD at ``lr``, the cell's unless given; ``donate``
+    lets the compiled step reuse the state's buffers, for runs that never read them again).
 
     Under Poisson sampling the clipped sum is divided by the EXPECTED batch size ``B = q·n``
     (the DP-SGD estimator whose noise the accountant assumes), never by the padded capacity.
     """
-    optimizer = sgd(cell.lr)
+    optimizer = sgd(cell.lr if lr is None else lr)
     dp = DPConfig(cell.dp.clip_norm, noise_multiplier) if cell.private else None
     poisson = cell.dp.sampling == "poisson"
     resolved = get_engine(engine or cell.engine, cell.loop,
                           None if engine else cell.engine_mode, cell.ghost_fallback)
-    step = make_step(resolved, model.loss, optimizer, dp, donate=True,
+    step = make_step(resolved, model.loss, optimizer, dp, donate=donate,
                      expected_batch_size=cell.batch_size if poisson else None,
                      steps_per_call=cell.steps_per_call, devices=cell.global_devices,
                      clipped_sum=clipped_sum)

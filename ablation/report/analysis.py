@@ -228,6 +228,45 @@ def memory_frame(records_frame: pd.DataFrame) -> pd.DataFrame:
     return frame[[c for c in columns if c in frame]].reset_index(drop=True)
 
 
+def audit_frame(records_frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per test of each audited mechanism (``python -m ablation.audit``): the engine's
+    own and each control's, tidy columns: model, mechanism, control (the control's name or
+    None), test (``one step``, ``masked slot``, ``noise schedule``, ``whole run``), mu,
+    mu_se, claim_mu, epsilon_lower, claim_epsilon (the accountant's for the whole run),
+    passed, device, identity, path. The newest record of each model and engine label counts."""
+    columns = ["model", "mechanism", "control", "test", "mu", "mu_se", "claim_mu",
+               "epsilon_lower", "claim_epsilon", "passed", "device", "identity", "path"]
+    if records_frame.empty or "kind" not in records_frame:
+        return pd.DataFrame(columns=columns)
+    frame = records_frame[(records_frame["kind"] == "audit")
+                          & (records_frame["status"] == "ok")].copy()
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    frame["device"] = frame.apply(device_label, axis=1)
+    frame = frame.sort_values("finished_at").drop_duplicates(
+        ["device", "model", "audited_engine"], keep="last")
+    rows = []
+    for _, record in frame.iterrows():
+        audits = [(record["audited_engine"], None, record["audit"])]
+        audits += [(f"control: {name}", name, found)
+                   for name, found in (record.get("controls") or {}).items()]
+        for mechanism, control, found in audits:
+            common = {"model": record["model"], "mechanism": mechanism, "control": control,
+                      "device": record["device"], "identity": record.get("identity"),
+                      "path": record.get("path")}
+            for test in found["tests"]:
+                rows.append({**common, "test": test["name"], "mu": test["mu"],
+                             "mu_se": test["mu_se"], "claim_mu": test["claim_mu"],
+                             "epsilon_lower": test["epsilon_lower"],
+                             "claim_epsilon": test["claim_epsilon"], "passed": test["passed"]})
+            run = found.get("whole_run")
+            if run:
+                rows.append({**common, "test": "whole run", "mu": None, "mu_se": None,
+                             "claim_mu": None, "epsilon_lower": run["epsilon_lower"],
+                             "claim_epsilon": run["epsilon"], "passed": run["passed"]})
+    return pd.DataFrame(rows, columns=columns)
+
+
 def groups(frame: pd.DataFrame) -> Iterator[tuple[str, str, pd.DataFrame]]:
     """``(device, family label, rows)`` for each family in ``frame``, devices sorted."""
     if frame.empty:

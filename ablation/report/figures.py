@@ -458,6 +458,61 @@ def scaling(frame: pd.DataFrame) -> plt.Figure:
     return _with_marks(fig, drawn)
 
 
+def audit(table: pd.DataFrame) -> plt.Figure:
+    """The audit (``python -m ablation.audit``), one column per model: above, μ̂ ÷ the claimed
+    μ of each mechanism's one-step and noise-schedule tests, with ±3 SE (a correct engine sits
+    at 1 or below, the controls far above, on a log axis); below, the lower bounds on ε (one
+    step, Clopper–Pearson; whole run, one-run) ÷ the claim's ε (the accountant's for the
+    whole run), where a bound above 1 refutes the claim."""
+    if table.empty:
+        raise MissingCells("no audit record")
+    mus = table[table["test"].isin(["one step", "noise schedule"])].copy()
+    mus["ratio"] = mus["mu"] / mus["claim_mu"]
+    mus["error"] = 3 * mus["mu_se"] / mus["claim_mu"]
+    epsilons = table[table["test"].isin(["one step", "whole run"])].copy()
+    epsilons["ratio"] = epsilons["epsilon_lower"] / epsilons["claim_epsilon"]
+    drawn = marks(table, ["model", "mechanism", "test"],
+                  ["mu", "mu_se", "claim_mu", "epsilon_lower", "claim_epsilon", "passed"],
+                  "audit")
+    models = sorted(table["model"].unique())
+    mechanisms = list(dict.fromkeys(
+        sorted(table.loc[table["control"].isna(), "mechanism"].unique())
+        + sorted(table.loc[table["control"].notna(), "mechanism"].unique())))
+    position = {m: i for i, m in enumerate(mechanisms)}
+    fig, axes = plt.subplots(2, len(models), figsize=(0.8 + 0.45 * len(mechanisms) * len(models)
+                                                      + 1.5, 6.4), squeeze=False)
+    styles = {"one step": ("o", -0.15), "noise schedule": ("s", 0.15), "whole run": ("^", 0.15)}
+    for col, model in enumerate(models):
+        for row, (part, label) in enumerate(((mus, "μ̂ ÷ claimed μ (±3 SE)"),
+                                             (epsilons, "ε lower bound ÷ claimed ε"))):
+            ax = axes[row][col]
+            here = part[part["model"] == model]
+            for test, group in here.groupby("test"):
+                marker, shift = styles[test]
+                x = [position[m] + shift for m in group["mechanism"]]
+                colors = ["tab:red" if c is not None and c == c else "tab:blue"
+                          for c in group["control"]]
+                values = group["ratio"].clip(lower=1e-3).replace(float("inf"), 1e6)
+                if row == 0:
+                    ax.errorbar(x, values, yerr=group["error"].fillna(0), fmt="none",
+                                ecolor="grey", lw=0.8)
+                ax.scatter(x, values, c=colors, marker=marker, s=22, label=test, zorder=3)
+            ax.axhline(1.0, color="black", lw=0.8, ls="--")
+            ax.set_yscale("log" if row == 0 else "symlog", **({} if row == 0 else
+                                                              {"linthresh": 1.0}))
+            ax.set_xticks(range(len(mechanisms)))
+            ax.set_xticklabels(mechanisms if row == 1 else [], rotation=60, ha="right",
+                               fontsize=7)
+            ax.set_ylabel(label if col == 0 else "")
+            if row == 0:
+                ax.set_title(model, fontsize=9)
+            ax.legend(fontsize=6, loc="upper left")
+    fig.suptitle("Privacy audit: the engines (blue) against their claim; the controls (red) "
+                 "must land above the line", fontsize=10)
+    fig.tight_layout()
+    return _with_marks(fig, drawn)
+
+
 def save(fig: plt.Figure, folder: str | Path, name: str) -> list[Path]:
     """Write ``name.png``, ``name.pdf`` and ``name.csv`` (the numbers drawn, one row per mark,
     with the record behind each) into ``folder``; closes the figure."""
@@ -538,6 +593,11 @@ def draw_all(roots: Sequence[str | Path], out: str | Path,
         written += _save_all([("max_batch", lambda: max_batch(m))], folder, device, family,
                              skipped)
         folders.append((device, family, folder, m))
+    audits = analysis.audit_frame(frame)
+    for device, part in audits.groupby("device", sort=True):
+        folder = Path(out) / slug(device) / "audit"
+        written += _save_all([("audit", lambda part=part: audit(part))], folder, device,
+                             "audit", skipped)
     if folders:
         written.append(_write_index(Path(out), folders, frame))
     return written

@@ -208,8 +208,9 @@ def _drop(d: Mapping[str, Any], dotted: str) -> dict[str, Any]:
     return out
 
 
-#: Sections that belong to the other kind of job (a timing cell ignores ``memory.*``).
-OTHER_KIND_KEYS = {"timing": ("memory",), "memory": ("timing",)}
+#: Sections that belong to the other kinds of job (a timing cell ignores ``memory.*``).
+OTHER_KIND_KEYS = {"timing": ("memory", "audit"), "memory": ("timing", "audit"),
+                   "audit": ("timing", "memory")}
 
 
 def config_hash(config: Mapping[str, Any], kind: str = "timing") -> str:

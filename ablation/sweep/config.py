@@ -17,9 +17,9 @@ from ablation.core.clipping import FALLBACKS
 from ablation.core.engines import ENGINES, LOOPS, MIN_CLIP_NORM
 from ablation.core.privacy import ACCOUNTANTS, SAMPLINGS
 from ablation.data.samplers import SOURCES
-from ablation.measure.settings import (ENGINE_MODES, FIXED_BATCH_ENGINES, REFERENCE_ENGINES,
-                                       TIMING_MODES, CellConfig, PrivacyConfig, ProbeSettings,
-                                       TimingConfig)
+from ablation.measure.settings import (CANARY_KINDS, ENGINE_MODES, FIXED_BATCH_ENGINES,
+                                       REFERENCE_ENGINES, TIMING_MODES, AuditSettings,
+                                       CellConfig, PrivacyConfig, ProbeSettings, TimingConfig)
 from models import MODEL_NAMES
 from models.registry import POOLS, UNROLLS
 
@@ -40,6 +40,7 @@ KNOWN_KEYS: dict[str, frozenset[str] | None] = {
     "distributed": frozenset({"processes", "coordinator", "process_id", "scaling"}),
     "timing": frozenset(f.name for f in dataclasses.fields(TimingConfig)),
     "memory": frozenset(f.name for f in dataclasses.fields(ProbeSettings)),
+    "audit": frozenset(f.name for f in dataclasses.fields(AuditSettings)),
     "paths": frozenset({"output_dir"}),
     "batch_size": None, "private": None, "epochs": None, "seed": None, "resume": None,
 }
@@ -354,4 +355,27 @@ def probe_settings_from_dict(memory: Mapping[str, Any] | None):
         limit_gb=None if limit is None else _float(limit, "memory.limit_gb", positive=True),
         predict_only=_bool(m.get("predict_only", False), "memory.predict_only"),
         timeout_s=_float(m.get("timeout_s", 600.0), "memory.timeout_s", positive=True),
+    )
+
+
+def audit_settings_from_dict(audit: Mapping[str, Any] | None):
+    """Validate the ``audit`` section into :class:`ablation.measure.settings.AuditSettings`."""
+    a = dict(audit or {})
+    canary = _choice(str(a.get("canary", "auto")), "audit.canary", CANARY_KINDS)
+    guesses = _float(a.get("guesses", 0.2), "audit.guesses", positive=True)
+    if guesses > 1:
+        raise ConfigError(f"audit.guesses is a fraction of the canaries (<= 1), got {guesses}")
+    return AuditSettings(
+        trials=_int(a.get("trials", 1000), "audit.trials", minimum=8),
+        schedule_trials=_int(a.get("schedule_trials", 200), "audit.schedule_trials", minimum=8),
+        loop_trials=_int(a.get("loop_trials", 100), "audit.loop_trials", minimum=8),
+        budget_s=_float(a.get("budget_s", 120.0), "audit.budget_s", positive=True),
+        canary=canary,
+        canary_ratio=_float(a.get("canary_ratio", 100.0), "audit.canary_ratio", positive=True),
+        lr=_float(a.get("lr", 1e-3), "audit.lr", positive=True),
+        controls=_bool(a.get("controls", True), "audit.controls"),
+        run_steps=_int(a.get("run_steps", 100), "audit.run_steps", minimum=0),
+        run_canaries=_int(a.get("run_canaries", 500), "audit.run_canaries", minimum=10),
+        run_examples=_int(a.get("run_examples", 1000), "audit.run_examples", minimum=1),
+        guesses=guesses,
     )
