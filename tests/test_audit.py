@@ -50,9 +50,11 @@ def test_lower_bounds_stay_below_the_true_epsilon_and_the_pass_rule_rarely_alarm
         alarms += ab.gdp_mu(a, b).above(1.0)
     assert max(bounds) <= true_eps and np.median(bounds) > 0
     assert alarms <= 3  # expected 0.27 of 200
-    mus = rng.normal(1.0, 1.0, (20000, 2, 100))
-    est = (mus[:, 0].mean(1) - mus[:, 1].mean(1))
-    assert np.mean(est - 3 * math.sqrt(2 / 100) > 1.0) < 0.004
+    # the rule with its confirmation on fresh trials: 0.024 % per μ test, by simulation too
+    z1, z2 = rng.normal(size=(2, 2_000_000))
+    alarms = (z1 > 6) | ((z1 > 3) & ((z1 + z2) / math.sqrt(2) > 3))
+    assert ab.false_alarm_rate() == pytest.approx(2.38e-4, rel=0.02)
+    assert alarms.mean() == pytest.approx(ab.false_alarm_rate(), rel=0.15)
 
 
 def test_one_run_bound_is_zero_without_signal_and_positive_with_it():

@@ -214,3 +214,16 @@ def epsilon_one_run(scores: np.ndarray, included: np.ndarray, delta: float,
     eps = optimize.brentq(lambda e: one_run_p_value(m, r, correct, e, delta) - alpha,
                           0.0, high, xtol=1e-6) if high < 100 else high
     return OneRunBound(float(eps), m, r, correct, alpha)
+
+
+def false_alarm_rate(sigmas: float = SIGMAS) -> float:
+    """The chance that a correct mechanism fails one μ test of the audit's rule: μ̂ above the
+    claim by more than ``sigmas`` SE, and then either by more than twice that or, pooled with
+    as many fresh trials, by more than ``sigmas`` SE again (z-scores of large samples)."""
+    from scipy import integrate
+
+    def confirmed(z: float) -> float:  # first draw at z; the pooled z is (z + z2)/√2
+        return stats.norm.pdf(z) * stats.norm.sf(sigmas * math.sqrt(2) - z)
+
+    marginal = integrate.quad(confirmed, sigmas, 2 * sigmas)[0]
+    return float(marginal + stats.norm.sf(2 * sigmas))

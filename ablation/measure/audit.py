@@ -73,6 +73,7 @@ class Test:
       bound: the Clopper–Pearson lower bound on ε (None where the claim is μ = 0).
       claim_epsilon: the ε at δ of ``claim_mu`` (what the bound must not exceed).
       leak_mu: for the masked-slot test, the μ a slot that leaked would show (its power).
+      extended: a marginal failure was checked on as many fresh trials, pooled (see _pair).
     """
 
     name: str
@@ -82,6 +83,7 @@ class Test:
     bound: bounds.LowerBound | None
     claim_epsilon: float | None
     leak_mu: float | None = None
+    extended: bool = False
 
     @property
     def passed(self) -> bool:
@@ -92,8 +94,9 @@ class Test:
     def line(self) -> str:
         e = self.estimate
         mu = "inf" if math.isinf(e.mu) else f"{e.mu:.3f} ± {e.se:.3f}"
+        pooled = ", pooled after a marginal first draw" if self.extended else ""
         text = (f"{self.name:<15} μ̂ = {mu} (claim {self.claim_mu:.3f}; {e.n_in}+{e.n_out} "
-                f"trials), noise std ÷ σC·√K = {self.noise_ratio:.3f}")
+                f"trials{pooled}), noise std ÷ σC·√K = {self.noise_ratio:.3f}")
         if self.leak_mu is not None:
             text += f"; a leaking slot would show μ ≈ {self.leak_mu:.2f}"
         if self.bound is not None:
@@ -108,7 +111,7 @@ class Test:
                 "n_out": self.estimate.n_out, "noise_ratio": self.noise_ratio,
                 "epsilon_lower": None if self.bound is None else self.bound.epsilon,
                 "claim_epsilon": self.claim_epsilon, "leak_mu": self.leak_mu,
-                "passed": self.passed}
+                "extended": self.extended, "passed": self.passed}
 
 
 #: The δ that Test.line uses for its GDP estimate (set per report; a one-element holder).
@@ -373,35 +376,34 @@ class _Worlds:
             keys = jnp.broadcast_to(keys[0], keys.shape)
         return keys
 
-    def _score_fn(self, worlds: tuple[str, ...], direction: jax.Array
-                  ) -> Callable[[jax.Array], jax.Array]:
+    def _score(self, state, units, direction, base) -> jax.Array:
         """The score of one trial (one base key): one call (one world), or two calls (plain
-        then the world) scored by the difference of their releases, along ``direction``."""
-        units = [self._unit(self.worlds[w]) for w in worlds]
-
-        def score(base):
-            params, opt_state, released = self.params, self.opt_state, []
-            for call, (x, y, mask) in enumerate(units):
-                new, opt_state = self.step(params, opt_state, x, y, self._keys(base, call), mask)
-                released.append(_displacement(params, new))
-                params = new
-            value = released[0] if len(released) == 1 else released[1] - released[0]
-            return jnp.dot(value, direction) * self.scale
-        return score
+        then the world) scored by the difference of their releases, along ``direction``.
+        Everything but the key is an argument, never a closure: a compiled function would
+        hold the parameters as constants and XLA would fold the whole clipped sum into them
+        at compile time (minutes on cifar10)."""
+        (params, opt_state), released = state, []
+        for call, (x, y, mask) in enumerate(units):
+            new, opt_state = self.step(params, opt_state, x, y, self._keys(base, call), mask)
+            released.append(_displacement(params, new))
+            params = new
+        value = released[0] if len(released) == 1 else released[1] - released[0]
+        return jnp.dot(value, direction) * self.scale
 
     def scores(self, worlds: tuple[str, ...], bases: jax.Array, budget: _Budget,
                direction: jax.Array | None = None) -> np.ndarray:
-        score = self._score_fn(worlds, self.direction if direction is None else direction)
+        args = ((self.params, self.opt_state), [self._unit(self.worlds[w]) for w in worlds],
+                self.direction if direction is None else direction)
         if self.compiled:
             per = max(1, _VALUES_PER_CHUNK // (self.n_params * len(worlds) * self.k))
-            batched = jax.jit(jax.vmap(score))
-            return np.concatenate([np.asarray(batched(bases[i:i + per]))
+            batched = jax.jit(jax.vmap(self._score, in_axes=(None, None, None, 0)))
+            return np.concatenate([np.asarray(batched(*args, bases[i:i + per]))
                                    for i in range(0, bases.shape[0], per)])
         out = []
         for i in range(bases.shape[0]):
             if not budget.allows(i):
                 break
-            out.append(float(score(bases[i])))
+            out.append(float(self._score(*args, bases[i])))
         return np.asarray(out)
 
 
@@ -429,18 +431,30 @@ class _Budget:
 def _pair(worlds: _Worlds, name: str, w_in: tuple[str, ...], w_out: tuple[str, ...],
           trials: int, claim_mu: float, expected_std: float, delta: float, key: jax.Array,
           budget: _Budget, with_bound: bool, direction: jax.Array | None = None) -> Test:
-    k_in, k_out = jax.random.split(key)
-    bases = (jax.random.split(k_in, trials), jax.random.split(k_out, trials))
-    s_in = worlds.scores(w_in, bases[0], budget, direction)
-    budget.next_side()
-    s_out = worlds.scores(w_out, bases[1][:len(s_in)], budget, direction)  # as many a side
-    budget.next_side()
-    est = bounds.gdp_mu(s_in, s_out)
-    bound = claim = None
-    if with_bound:
-        bound = bounds.epsilon_lower_bound(s_in, s_out, delta)
-        claim = bounds.epsilon_of_gdp(claim_mu, delta)
-    return Test(name, claim_mu, est, est.std / expected_std, bound, claim)
+    """One test. A marginal failure (μ̂ − 3 SE above the claim but μ̂ − 6 SE not, or a lower
+    bound above the claim's ε) is checked again on as many fresh trials, pooled with the
+    first: a 3-SE fluctuation of the trial keys is not a finding (it happened on cifar10),
+    while a failure beyond 6 SE, or one that the pooled trials confirm, stands."""
+    def run(draw: jax.Array, s_in=np.zeros(0), s_out=np.zeros(0)):
+        k_in, k_out = jax.random.split(draw)
+        bases = (jax.random.split(k_in, trials), jax.random.split(k_out, trials))
+        new_in = worlds.scores(w_in, bases[0], budget, direction)
+        budget.next_side()
+        new_out = worlds.scores(w_out, bases[1][:len(new_in)], budget, direction)
+        budget.next_side()
+        s_in, s_out = np.concatenate([s_in, new_in]), np.concatenate([s_out, new_out])
+        est = bounds.gdp_mu(s_in, s_out)
+        bound = claim = None
+        if with_bound:
+            bound = bounds.epsilon_lower_bound(s_in, s_out, delta)
+            claim = bounds.epsilon_of_gdp(claim_mu, delta)
+        return Test(name, claim_mu, est, est.std / expected_std, bound, claim), s_in, s_out
+
+    test, s_in, s_out = run(key)
+    if not test.passed and not test.estimate.above(claim_mu, sigmas=2 * bounds.SIGMAS):
+        test, _, _ = run(jax.random.fold_in(key, 1), s_in, s_out)
+        test = dataclasses.replace(test, extended=True)
+    return test
 
 
 def _one_step_tests(worlds: _Worlds, settings: AuditSettings, sigma_claim: float, delta: float,
@@ -486,11 +500,11 @@ def _gradient_rows(loss, params, x: jax.Array, y: jax.Array, chunk: int) -> jax.
     """Each example's gradient direction at ``params``: ``[n, n_params]`` unit rows (a zero
     gradient gives a zero row, never NaN)."""
     @jax.jit
-    def rows(a, b):
-        g = jax.vmap(lambda a1, b1: ravel_pytree(jax.grad(loss)(params, a1, b1))[0])(a, b)
+    def rows(p, a, b):  # parameters as an argument: never folded in as constants
+        g = jax.vmap(lambda a1, b1: ravel_pytree(jax.grad(loss)(p, a1, b1))[0])(a, b)
         norms = jnp.linalg.norm(g, axis=1, keepdims=True)
         return g / jnp.where(norms > 0, norms, 1.0)
-    return jnp.concatenate([rows(x[i:i + chunk], y[i:i + chunk])
+    return jnp.concatenate([rows(params, x[i:i + chunk], y[i:i + chunk])
                             for i in range(0, x.shape[0], chunk)])
 
 
@@ -518,8 +532,8 @@ def _canary_directions(loss, params, canaries: TrainingSet, ordinary: TrainingSe
     rows = raw - (raw @ basis.T) @ basis
     norms = jnp.linalg.norm(rows, axis=1, keepdims=True)
     rows = rows / jnp.where(norms > 0, norms, 1.0)
-    summed = jax.jit(lambda x, y: ravel_pytree(vmap_sum(loss, params, x, y, clip_norm))[0])
-    data_sum = sum(summed(ordinary.x[i:i + chunk], ordinary.y[i:i + chunk])
+    summed = jax.jit(lambda p, x, y: ravel_pytree(vmap_sum(loss, p, x, y, clip_norm))[0])
+    data_sum = sum(summed(params, ordinary.x[i:i + chunk], ordinary.y[i:i + chunk])
                    for i in range(0, ordinary.size, chunk))
     average = rows @ (data_sum / clip_norm + 0.5 * raw.sum(0))
     return rows, average
@@ -550,7 +564,7 @@ def _whole_run(cell: CellConfig, settings: AuditSettings, model, params, data: T
     calls = max(1, settings.run_steps // k)
     state = (params, optimizer.init(params))
     scale = batch / (settings.lr * clip_norm)
-    project = jax.jit(lambda before, after: directions @ _displacement(before, after) * scale)
+    project = jax.jit(lambda d, before, after: d @ _displacement(before, after) * scale)
     projections = []
     # engines that run op by op (or loop over examples) get the audit's time budget
     deadline = (None if step.engine.compiles_whole_step
@@ -566,7 +580,7 @@ def _whole_run(cell: CellConfig, settings: AuditSettings, model, params, data: T
         if one_key and k > 1:
             keys = jnp.broadcast_to(keys[0], keys.shape)
         new = step(*state, x, y, keys, mask)
-        projections.append(np.asarray(project(state[0], new[0]), np.float64))
+        projections.append(np.asarray(project(directions, state[0], new[0]), np.float64))
         state = new
     # [calls, m], less what a call releases along each canary on average, whoever is in
     p = np.stack(projections) - k * sampler.sampling_rate * np.asarray(average, np.float64)

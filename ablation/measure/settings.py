@@ -18,7 +18,7 @@ FIXED_BATCH_ENGINES = ("opacus", "backpack", "pyvacy", "tfp")
 ENGINE_MODES = {
     "ghost": ("bookkeeping", "two_pass"),
     "opacus": ("hooks", "ghost", "functorch", "ew"),
-    "tfp": ("vectorized", "loop"),
+    "tfp": ("vectorized", "loop", "fast"),
     "jax_privacy": ("vmap", "microbatch"),
 }
 

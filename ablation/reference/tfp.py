@@ -4,7 +4,12 @@
 vit) with
 ``VectorizedDPKerasSGDOptimizer`` (``engine.mode=vectorized``, default) or
 ``DPKerasSGDOptimizer`` (``engine.mode=loop``: per-example gradients in a loop), with XLA
-(``engine.xla=true``: ``jit_compile``) or without: the paper's TF2 rows. Clipping to the global
+(``engine.xla=true``: ``jit_compile``) or without: the paper's TF2 rows. ``engine.mode=fast`` is
+TF Privacy's own fast gradient clipping (``DPModel`` with a layer registry: per-example norms
+from each layer's activations and output gradients, the ghost engine's idea); its registry
+covers Dense, Embedding, LayerNormalization and MultiHeadAttention, and a model with any other
+trainable layer is refused naming it (``DPModel`` itself would fall back to microbatches
+without a word). Clipping to the global
 norm C of each example, noise σ·C on the sum, divided by the batch size: the JAX engines'
 DP-SGD. ``private=false`` is plain Keras SGD.
 
@@ -44,7 +49,7 @@ from ablation.measure.settings import CellConfig
 
 keras = tf.keras
 layers = keras.layers
-MODES = ("vectorized", "loop")
+MODES = ("vectorized", "loop", "fast")
 VOCAB_ROWS = 10_004
 
 
@@ -224,16 +229,75 @@ def make_optimizer(*, mode: str, private: bool, lr: float, clip_norm: float,
         return keras.optimizers.SGD(learning_rate=lr)
     if mode not in MODES:
         raise ValueError(f"engine.mode for tfp must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "fast":
+        raise ValueError("engine.mode=fast clips inside TF Privacy's DPModel (fast_model), "
+                         "not in an optimizer")
     cls = VectorizedDPKerasSGDOptimizer if mode == "vectorized" else DPKerasSGDOptimizer
     return cls(l2_norm_clip=clip_norm, noise_multiplier=noise_multiplier,
                num_microbatches=batch_size, learning_rate=lr)
+
+
+def fast_registry():
+    """TF Privacy's layer registry for fast gradient clipping: its default (Dense, Embedding)
+    and the layer norm and multi-head attention rules it ships."""
+    from tensorflow_privacy.privacy.fast_gradient_clipping import layer_registry
+    from tensorflow_privacy.privacy.fast_gradient_clipping.registry_functions import (
+        layer_normalization, multi_head_attention)
+    registry = layer_registry.make_default_layer_registry()
+    registry.insert(layers.LayerNormalization, layer_normalization.layer_normalization_computation)
+    registry.insert(layers.MultiHeadAttention,
+                    multi_head_attention.multi_head_attention_layer_computation)
+    return registry
+
+
+def unregistered_layers(model: keras.Model, registry) -> list[str]:
+    """The trainable layers that ``registry`` has no rule for, as ``name (Class)``."""
+    return [f"{layer.name} ({type(layer).__name__})" for layer in model.layers
+            if layer.trainable_variables and not registry.is_elem(layer)]
+
+
+def fast_model(name: str, *, clip_norm: float, noise_multiplier: float, xla: bool,
+               tied: bool = False) -> keras.Model:
+    """The Keras twin of ``name`` as TF Privacy's ``DPModel`` with fast gradient clipping.
+
+    Raises:
+      ValueError: a trainable layer the registry has no rule for (named): TF Privacy would
+        clip it by microbatches instead, which is not the row this mode claims to be.
+    """
+    from tensorflow_privacy.privacy.keras_models.dp_keras_model import DPModel
+    plain = build(name, tied)
+    registry = fast_registry()
+    missing = unregistered_layers(plain, registry)
+    if missing:
+        raise ValueError(f"TF Privacy's fast gradient clipping has no rule for "
+                         f"{', '.join(missing)} of model {name} (its registry: Dense, "
+                         f"Embedding, LayerNormalization, MultiHeadAttention)")
+    return DPModel(l2_norm_clip=clip_norm, noise_multiplier=noise_multiplier, use_xla=xla,
+                   layer_registry=registry, inputs=plain.inputs, outputs=plain.outputs)
+
+
+def mean_loss(name: str) -> keras.losses.Loss:
+    """The batch-mean loss ``DPModel``'s fast path clips (it reads the reduction from it)."""
+    if name == "logreg":
+        return keras.losses.BinaryCrossentropy(from_logits=True)
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 def clipped_grad_sum(name: str, params: Mapping[str, Any], x: np.ndarray, y: np.ndarray,
                      clip_norm: float, mode: str = "vectorized",
                      tied: bool = False) -> list[np.ndarray]:
     """TF Privacy's sum of per-example gradients clipped to ``clip_norm`` (σ = 0), in the
-    twin's weight order: the cross-framework oracle against :func:`ablation.clipped_grad_sum`."""
+    twin's weight order: the cross-framework oracle against :func:`ablation.clipped_grad_sum`.
+    ``mode=fast`` reads it off one step of ``DPModel`` (SGD at lr 1, σ = 0: the weights move by
+    the mean clipped gradient), so its own train step is what is checked."""
+    if mode == "fast":
+        model = fast_model(name, clip_norm=clip_norm, noise_multiplier=0.0, xla=False,
+                           tied=tied)
+        model.set_weights(haiku_weights(name, params, tied))
+        model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0), loss=mean_loss(name))
+        before = [w.numpy().astype(np.float64) for w in model.trainable_weights]
+        model.train_on_batch(tf.constant(x), tf.constant(labels_for(name, y)))
+        return [(b - w.numpy()) * len(x) for b, w in zip(before, model.trainable_weights)]
     model = build(name, tied)
     model.set_weights(haiku_weights(name, params, tied))
     optimizer = make_optimizer(mode=mode, private=True, lr=0.0, clip_norm=clip_norm,
@@ -288,12 +352,18 @@ def time_cell_tfp(cell: CellConfig, noise_multiplier: float,
     if cell.batch_size > n:
         raise ValueError(f"batch_size {cell.batch_size} exceeds the training set ({n} examples)")
     mode = cell.engine_mode or "vectorized"
-    model = build(cell.model, cell.tied)
-    optimizer = make_optimizer(mode=mode, private=cell.private, lr=cell.lr,
-                               clip_norm=cell.dp.clip_norm, noise_multiplier=noise_multiplier,
-                               batch_size=cell.batch_size)
     loss = per_example_loss(cell.model)
-    model.compile(optimizer=optimizer, loss=loss, jit_compile=bool(cell.xla))
+    if mode == "fast" and cell.private:  # the clipping lives in the model's train_step
+        model = fast_model(cell.model, clip_norm=cell.dp.clip_norm,
+                           noise_multiplier=noise_multiplier, xla=bool(cell.xla), tied=cell.tied)
+        model.compile(optimizer=keras.optimizers.SGD(learning_rate=cell.lr),
+                      loss=mean_loss(cell.model))
+    else:
+        model = build(cell.model, cell.tied)
+        optimizer = make_optimizer(mode=mode, private=cell.private, lr=cell.lr,
+                                   clip_norm=cell.dp.clip_norm,
+                                   noise_multiplier=noise_multiplier, batch_size=cell.batch_size)
+        model.compile(optimizer=optimizer, loss=loss, jit_compile=bool(cell.xla))
     labels = labels_for(cell.model, y)
     steps_per_epoch = n // cell.batch_size
     rng = np.random.default_rng(cell.seed)

@@ -30,7 +30,8 @@ from ablation.report.labels import format_ratio, significant
 
 SYSTEM_ORDER = ("both", "jit", "jit[unrolled]", "jit[scan]", "vmap", "none", "ghost",
                 "ghost[two_pass]", "jax_privacy", "opacus", "opacus[ghost]", "opacus[functorch]",
-                "opacus[ew]", "pytorch", "tfp", "tfp[xla]", "tfp[loop]", "tfp[loop,xla]", "keras",
+                "opacus[ew]", "pytorch", "tfp", "tfp[xla]", "tfp[loop]", "tfp[loop,xla]", "tfp[fast]",
+                "tfp[fast,xla]", "keras",
                 "keras[xla]", "backpack", "pyvacy")
 _colors = sns.color_palette("colorblind", 10)
 _more = sns.color_palette("dark", 10)
@@ -39,7 +40,8 @@ PALETTE = {"both": _colors[0], "jit": _colors[1], "jit[unrolled]": _colors[1],
            "ghost": _colors[8], "ghost[two_pass]": _more[8], "jax_privacy": _colors[9],
            "opacus": _colors[3], "opacus[ghost]": _colors[4], "opacus[functorch]": _colors[5],
            "opacus[ew]": _colors[6], "pytorch": _more[3], "tfp": _more[0], "tfp[xla]": _more[5],
-           "tfp[loop]": _more[1], "tfp[loop,xla]": _more[6], "keras": _more[7],
+           "tfp[loop]": _more[1], "tfp[loop,xla]": _more[6], "tfp[fast]": _more[8],
+           "tfp[fast,xla]": _more[8], "keras": _more[7],
            "keras[xla]": _more[9], "backpack": _more[2], "pyvacy": _more[4]}
 GREY = (0.6, 0.6, 0.6)
 
@@ -501,8 +503,9 @@ def audit(table: pd.DataFrame) -> plt.Figure:
             ax.set_yscale("log" if row == 0 else "symlog", **({} if row == 0 else
                                                               {"linthresh": 1.0}))
             ax.set_xticks(range(len(mechanisms)))
-            ax.set_xticklabels(mechanisms if row == 1 else [], rotation=60, ha="right",
-                               fontsize=7)
+            ax.set_xticklabels(mechanisms if row == 1 else [], rotation=45, ha="right",
+                               rotation_mode="anchor", fontsize=7)
+            ax.grid(axis="x", color="0.92", lw=0.6)
             ax.set_ylabel(label if col == 0 else "")
             if row == 0:
                 ax.set_title(model, fontsize=9)
