@@ -477,42 +477,41 @@ def audit(table: pd.DataFrame) -> plt.Figure:
                   ["mu", "mu_se", "claim_mu", "epsilon_lower", "claim_epsilon", "passed"],
                   "audit")
     models = sorted(table["model"].unique())
-    mechanisms = list(dict.fromkeys(
-        sorted(table.loc[table["control"].isna(), "mechanism"].unique())
-        + sorted(table.loc[table["control"].notna(), "mechanism"].unique())))
-    position = {m: i for i, m in enumerate(mechanisms)}
-    fig, axes = plt.subplots(2, len(models), figsize=(0.8 + 0.45 * len(mechanisms) * len(models)
-                                                      + 1.5, 6.4), squeeze=False)
+    fig, axes = plt.subplots(len(models), 2, figsize=(13, 0.6 + 3.4 * len(models)),
+                             squeeze=False)
     styles = {"one step": ("o", -0.15), "noise schedule": ("s", 0.15), "whole run": ("^", 0.15)}
-    for col, model in enumerate(models):
-        for row, (part, label) in enumerate(((mus, "μ̂ ÷ claimed μ (±3 SE)"),
+    for row, model in enumerate(models):
+        here = table[table["model"] == model]
+        mechanisms = (sorted(here.loc[here["control"].isna(), "mechanism"].unique())
+                      + sorted(here.loc[here["control"].notna(), "mechanism"].unique()))
+        position = {m: i for i, m in enumerate(mechanisms)}
+        for col, (part, label) in enumerate(((mus, "μ̂ ÷ claimed μ (±3 SE)"),
                                              (epsilons, "ε lower bound ÷ claimed ε"))):
             ax = axes[row][col]
-            here = part[part["model"] == model]
-            for test, group in here.groupby("test"):
+            drawn_here = part[part["model"] == model]
+            for test, group in drawn_here.groupby("test"):
                 marker, shift = styles[test]
                 x = [position[m] + shift for m in group["mechanism"]]
                 colors = ["tab:red" if c is not None and c == c else "tab:blue"
                           for c in group["control"]]
                 values = group["ratio"].clip(lower=1e-3).replace(float("inf"), 1e6)
-                if row == 0:
+                if col == 0:
                     ax.errorbar(x, values, yerr=group["error"].fillna(0), fmt="none",
                                 ecolor="grey", lw=0.8)
                 ax.scatter(x, values, c=colors, marker=marker, s=22, label=test, zorder=3)
             ax.axhline(1.0, color="black", lw=0.8, ls="--")
-            ax.set_yscale("log" if row == 0 else "symlog", **({} if row == 0 else
-                                                              {"linthresh": 1.0}))
+            ax.set_yscale("log" if col == 0 else "symlog",
+                          **({} if col == 0 else {"linthresh": 1.0}))
             ax.set_xticks(range(len(mechanisms)))
-            ax.set_xticklabels(mechanisms if row == 1 else [], rotation=45, ha="right",
-                               rotation_mode="anchor", fontsize=7)
+            ax.set_xticklabels(mechanisms, rotation=35, ha="right", rotation_mode="anchor",
+                               fontsize=7)
             ax.grid(axis="x", color="0.92", lw=0.6)
-            ax.set_ylabel(label if col == 0 else "")
-            if row == 0:
-                ax.set_title(model, fontsize=9)
+            ax.set_ylabel(label, fontsize=8)
+            ax.set_title(model, fontsize=9)
             ax.legend(fontsize=6, loc="upper left")
     fig.suptitle("Privacy audit: the engines (blue) against their claim; the controls (red) "
                  "must land above the line", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     return _with_marks(fig, drawn)
 
 
