@@ -57,6 +57,19 @@ def test_lower_bounds_stay_below_the_true_epsilon_and_the_pass_rule_rarely_alarm
     assert alarms.mean() == pytest.approx(ab.false_alarm_rate(), rel=0.15)
 
 
+def test_scores_that_are_not_numbers_fail_and_noise_off_its_std_fails():
+    nan = ab.gdp_mu(np.array([np.nan, 1.0, 2.0]), np.zeros(3) + [0, 1, 2])
+    assert nan.above(1.0)  # NaN released: nothing private is shown
+    assert ab.epsilon_one_run(np.array([np.nan] * 10), np.ones(10, bool), 1e-5, 4).epsilon == \
+        math.inf
+    from ablation.measure.audit import Test
+    fine = ab.MuEstimate(0.9, 0.05, 1000, 1000, 1.0)
+    assert Test("one step", 0.909, fine, 1.0, None, None).passed
+    # a key reused inside a call of 4 steps: noise 4σ instead of 2σ, μ̂ halves, the std shows it
+    assert not Test("one step", 1.818, ab.MuEstimate(0.9, 0.05, 1000, 1000, 2.2), 2.0, None,
+                    None).passed
+
+
 def test_one_run_bound_is_zero_without_signal_and_positive_with_it():
     rng = np.random.default_rng(2)
     included = rng.random(1000) < 0.5

@@ -49,8 +49,9 @@ class MuEstimate:
     std: float
 
     def above(self, claim: float, sigmas: float = SIGMAS) -> bool:
-        """True when ``μ̂ − sigmas·SE > claim``: the scores separate more than the claim."""
-        return self.mu - sigmas * self.se > claim
+        """True when ``μ̂ − sigmas·SE > claim``: the scores separate more than the claim (and
+        when μ̂ is not a number: scores that are NaN prove nothing private)."""
+        return not self.mu - sigmas * self.se <= claim
 
 
 def gdp_mu(scores_in: np.ndarray, scores_out: np.ndarray) -> MuEstimate:
@@ -60,6 +61,8 @@ def gdp_mu(scores_in: np.ndarray, scores_out: np.ndarray) -> MuEstimate:
     b = np.asarray(scores_out, np.float64)
     if a.size < 2 or b.size < 2:
         raise ValueError(f"μ̂ needs at least 2 trials each side, got {a.size} and {b.size}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):  # a step that released NaN/inf
+        return MuEstimate(math.nan, math.nan, a.size, b.size, math.nan)
     gap = float(a.mean() - b.mean())
     pooled = math.sqrt(((a.size - 1) * a.var(ddof=1) + (b.size - 1) * b.var(ddof=1))
                        / (a.size + b.size - 2))
@@ -202,6 +205,8 @@ def epsilon_one_run(scores: np.ndarray, included: np.ndarray, delta: float,
     s = np.asarray(scores, np.float64)
     truth = np.asarray(included, bool)
     m = s.size
+    if not np.isfinite(s).all():  # a run that released NaN/inf: nothing is bounded
+        return OneRunBound(math.inf, m, 0, 0, alpha)
     half = max(1, min(guesses, m) // 2)
     order = np.argsort(s, kind="stable")
     correct = int(truth[order[-half:]].sum() + (~truth[order[:half]]).sum())

@@ -57,6 +57,10 @@ CONTROLS = {
     "leaky mask": "a masked slot's example counted in the sum",
     "one noise key": "the same noise key for every step and call",
 }
+class NotAuditable(ValueError):
+    """A cell the audit cannot audit (named why): the command exits 2, not 1."""
+
+
 #: Trials batched into one compiled call: at most this many noise values at once.
 _VALUES_PER_CHUNK = 1 << 24
 
@@ -86,23 +90,33 @@ class Test:
     extended: bool = False
 
     @property
+    def noise_within(self) -> bool:
+        """The measured noise std within 4 of its standard errors of σC·√K, either way: a key
+        reused inside a call (noise Kσ instead of √Kσ) lowers μ̂ but not this."""
+        e = self.estimate
+        return abs(self.noise_ratio - 1) <= 4 / math.sqrt(2 * max(1, e.n_in + e.n_out - 2))
+
+    @property
     def passed(self) -> bool:
         within = not self.estimate.above(self.claim_mu)
         bounded = self.bound is None or self.bound.epsilon <= (self.claim_epsilon or 0.0)
-        return within and bounded
+        return within and bounded and self.noise_within
 
-    def line(self) -> str:
+    def line(self, delta: float) -> str:
+        """The test on one line; its GDP estimate of ε at ``delta``."""
         e = self.estimate
         mu = "inf" if math.isinf(e.mu) else f"{e.mu:.3f} ± {e.se:.3f}"
         pooled = ", pooled after a marginal first draw" if self.extended else ""
         text = (f"{self.name:<15} μ̂ = {mu} (claim {self.claim_mu:.3f}; {e.n_in}+{e.n_out} "
                 f"trials{pooled}), noise std ÷ σC·√K = {self.noise_ratio:.3f}")
+        if not self.noise_within:
+            text += " (outside its 4-SE band)"
         if self.leak_mu is not None:
             text += f"; a leaking slot would show μ ≈ {self.leak_mu:.2f}"
         if self.bound is not None:
             text += (f", ε ≥ {self.bound.epsilon:.2f} (Clopper–Pearson, {1 - self.bound.alpha:.0%};"
                      f" claim ε = {self.claim_epsilon:.2f}), GDP estimate ε ≈ "
-                     f"{bounds.epsilon_of_gdp(e.mu, DELTA_OF_LINES[0]):.2f}")
+                     f"{bounds.epsilon_of_gdp(e.mu, delta):.2f}")
         return text + ("" if self.passed else "  ← FAILS")
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,10 +126,6 @@ class Test:
                 "epsilon_lower": None if self.bound is None else self.bound.epsilon,
                 "claim_epsilon": self.claim_epsilon, "leak_mu": self.leak_mu,
                 "extended": self.extended, "passed": self.passed}
-
-
-#: The δ that Test.line uses for its GDP estimate (set per report; a one-element holder).
-DELTA_OF_LINES = [1e-5]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,14 +229,13 @@ class AuditReport:
         return all(not c.passed for c in self.controls.values())
 
     def lines(self) -> list[str]:
-        DELTA_OF_LINES[0] = self.delta
         out = [f"audit: {self.model} ({self.n_params:,} parameters), engine {self.engine}, "
                f"batch {self.batch_size}, σ = {self.noise_multiplier:g}, C = "
                f"{self.clip_norm:.4g}, δ = {self.delta:g}; canary '{self.canary}' with "
                f"gradient norm {self.canary_norm:.3g}"]
         if self.clip_note:
             out.append(f"  note: {self.clip_note}")
-        out += [f"  {t.line()}" for t in self.audit.tests]
+        out += [f"  {t.line(self.delta)}" for t in self.audit.tests]
         if self.audit.whole_run is not None:
             out.append(f"  {self.audit.whole_run.line()}")
         for name, control in self.controls.items():
@@ -287,8 +296,8 @@ def craft_canary(model, params, x0: jax.Array, kind: str, clip_norm: float, rati
         elif kind == "random":
             x = jax.random.normal(key, x0.shape, x0.dtype)
         else:
-            raise ValueError(f"audit.canary={kind} needs token inputs; this model's are floats "
-                             f"(offset, scaled, random)")
+            raise NotAuditable(f"audit.canary={kind} needs token inputs; this model's are "
+                               f"floats (offset, scaled, random)")
     else:
         flat = x0.reshape(-1)
         if kind == "repeated":
@@ -296,8 +305,8 @@ def craft_canary(model, params, x0: jax.Array, kind: str, clip_norm: float, rati
         elif kind == "random":
             x = jax.random.randint(key, x0.shape, 0, model.dataset.vocab_size, x0.dtype)
         else:
-            raise ValueError(f"audit.canary={kind} needs float inputs; this model's are token "
-                             f"ids (repeated, random)")
+            raise NotAuditable(f"audit.canary={kind} needs float inputs; this model's are "
+                               f"token ids (repeated, random)")
     labels = jnp.arange(model.dataset.num_classes, dtype=jnp.int32)
 
     def best(x):
@@ -311,6 +320,9 @@ def craft_canary(model, params, x0: jax.Array, kind: str, clip_norm: float, rati
             break
         x = x * jnp.asarray(10.0, x.dtype)
         y, norm = best(x)
+    if not (math.isfinite(norm) and norm > 0):
+        raise NotAuditable(f"the '{kind}' canary's gradient norm is {norm}: no direction to "
+                           f"audit along (try another audit.canary)")
     return x, y, kind, norm
 
 
@@ -620,15 +632,15 @@ def _engine_label(cell: CellConfig) -> str:
 
 def _check_auditable(cell: CellConfig) -> None:
     if cell.is_reference:
-        raise ValueError(f"the audit runs this toolkit's engines; engine={cell.engine} is "
+        raise NotAuditable(f"the audit runs this toolkit's engines; engine={cell.engine} is "
                          f"another framework's")
     if not cell.private:
-        raise ValueError("the audit needs a private step (private=true)")
+        raise NotAuditable("the audit needs a private step (private=true)")
     if cell.dp.noise_multiplier <= 0:
-        raise ValueError("the audit needs noise (dp.noise_multiplier > 0): without it any "
+        raise NotAuditable("the audit needs noise (dp.noise_multiplier > 0): without it any "
                          "canary is told apart exactly")
     if cell.processes > 1:
-        raise ValueError("the audit runs one process; a run over several processes "
+        raise NotAuditable("the audit runs one process; a run over several processes "
                          "(distributed.processes > 1) is not audited yet")
 
 
@@ -650,7 +662,7 @@ def audit_cell(cell: CellConfig, settings: AuditSettings,
     its model and data, and, with ``settings.controls``, the controls.
 
     Raises:
-      ValueError: a cell the audit cannot audit (non-private, σ = 0, another framework's
+      NotAuditable: a cell the audit cannot audit (non-private, σ = 0, another framework's
         engine, several processes), or a canary kind the inputs do not allow.
       GhostUnsupported: the ghost engine refuses the model (names the layer).
     """

@@ -30,9 +30,8 @@ from ablation.report.labels import format_ratio, significant
 
 SYSTEM_ORDER = ("both", "jit", "jit[unrolled]", "jit[scan]", "vmap", "none", "ghost",
                 "ghost[two_pass]", "jax_privacy", "opacus", "opacus[ghost]", "opacus[functorch]",
-                "opacus[ew]", "pytorch", "tfp", "tfp[xla]", "tfp[loop]", "tfp[loop,xla]", "tfp[fast]",
-                "tfp[fast,xla]", "keras",
-                "keras[xla]", "backpack", "pyvacy")
+                "opacus[ew]", "pytorch", "tfp", "tfp[xla]", "tfp[loop]", "tfp[loop,xla]",
+                "tfp[fast]", "tfp[fast,xla]", "keras", "keras[xla]", "backpack", "pyvacy")
 _colors = sns.color_palette("colorblind", 10)
 _more = sns.color_palette("dark", 10)
 PALETTE = {"both": _colors[0], "jit": _colors[1], "jit[unrolled]": _colors[1],

@@ -27,14 +27,14 @@ def run_audit_job(cell: CellConfig, settings: AuditSettings, config: Mapping[str
     """Audit ``cell`` under ``settings``, print the report, write ``result.json``; returns
     the record (``refused: true`` for a cell that cannot be audited, named in ``error``)."""
     from ablation.core.taps import GhostUnsupported
-    from ablation.measure.audit import audit_cell
+    from ablation.measure.audit import NotAuditable, audit_cell
     with holding(Path(job_dir), "job"):
         job_dir, record, _ = open_job(cell, config, "audit", job_dir, False, job_dir,
                                       experiment)
         record.update(audit_settings=settings.__dict__, refused=False)
         try:
             report = audit_cell(cell, settings, progress=lambda text: print(text, flush=True))
-        except (ValueError, GhostUnsupported) as error:
+        except (NotAuditable, GhostUnsupported) as error:
             record.update(status="error", error=one_line(error), refused=True,
                           env=_machine(cell.engine))
             print(f"error: {one_line(error)}", flush=True)

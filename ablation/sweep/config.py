@@ -358,6 +358,14 @@ def probe_settings_from_dict(memory: Mapping[str, Any] | None):
     )
 
 
+def _canary_ratio(value: Any) -> float:
+    ratio = _float(value, "audit.canary_ratio", positive=True)
+    if ratio < 2:  # an unclipped canary would break the claim μ = 1/σ and hide clipping off
+        raise ConfigError(f"audit.canary_ratio must be >= 2 (the canary must be clipped), "
+                          f"got {value!r}")
+    return ratio
+
+
 def audit_settings_from_dict(audit: Mapping[str, Any] | None):
     """Validate the ``audit`` section into :class:`ablation.measure.settings.AuditSettings`."""
     a = dict(audit or {})
@@ -371,7 +379,7 @@ def audit_settings_from_dict(audit: Mapping[str, Any] | None):
         loop_trials=_int(a.get("loop_trials", 100), "audit.loop_trials", minimum=8),
         budget_s=_float(a.get("budget_s", 120.0), "audit.budget_s", positive=True),
         canary=canary,
-        canary_ratio=_float(a.get("canary_ratio", 100.0), "audit.canary_ratio", positive=True),
+        canary_ratio=_canary_ratio(a.get("canary_ratio", 100.0)),
         lr=_float(a.get("lr", 1e-3), "audit.lr", positive=True),
         controls=_bool(a.get("controls", True), "audit.controls"),
         run_steps=_int(a.get("run_steps", 100), "audit.run_steps", minimum=0),
