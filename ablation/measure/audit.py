@@ -46,8 +46,8 @@ from jax.flatten_util import ravel_pytree
 from ablation.core import audit_bounds as bounds
 from ablation.core.engines import get_engine, vmap_sum
 from ablation.data.samplers import (PoissonSampler, ShuffleSampler, TrainingSet,
-                                    load_training_set, poisson_capacity, run_keys)
-from ablation.measure.settings import AuditSettings, CellConfig, model_of
+                                    poisson_capacity, run_keys)
+from ablation.measure.settings import AuditSettings, CellConfig, model_of, training_set_of
 from ablation.measure.timing import build_step, step_keys
 
 #: The broken mechanisms the audit must catch (each injected here only).
@@ -671,9 +671,7 @@ def audit_cell(cell: CellConfig, settings: AuditSettings,
     model = model_of(cell)
     keys = run_keys(cell.seed)
     params = model.init(keys.init)
-    data = load_training_set(model.dataset, cell.data, key=keys.data, limit=cell.data_limit,
-                             cache_dir=cell.data_cache_dir, download=cell.download,
-                             path=cell.data_path)
+    data = training_set_of(cell, model, keys.data)
     sampler = ShuffleSampler(data, min(cell.batch_size, data.size), keys.sampler)
     k = cell.steps_per_call
     parts = [sampler.batch(i) for i in range(k)]

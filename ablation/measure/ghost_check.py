@@ -28,8 +28,8 @@ import numpy as np
 from ablation.core.clipping import (GRAM_TOLERANCE, ghost_clipped_sum, layer_rules,
                                     per_example_sq_norms)
 from ablation.core.engines import get_engine, vmap_sum
-from ablation.data.samplers import ShuffleSampler, load_training_set, run_keys
-from ablation.measure.settings import CellConfig, model_of
+from ablation.data.samplers import ShuffleSampler, run_keys
+from ablation.measure.settings import CellConfig, model_of, training_set_of
 from models import count_params
 
 #: Below this, a norm ratio is float32 rounding (per-example norms agree to ~1e-6 here).
@@ -133,9 +133,7 @@ def check_ghost(cell: CellConfig, batches: int = 3) -> GhostCheck:
     model = model_of(cell)
     keys = run_keys(cell.seed)
     params = model.init(keys.init)
-    data = load_training_set(model.dataset, cell.data, key=keys.data, limit=cell.data_limit,
-                             cache_dir=cell.data_cache_dir, download=cell.download,
-                             path=cell.data_path)
+    data = training_set_of(cell, model, keys.data)
     sampler = ShuffleSampler(data, min(cell.batch_size, data.size), keys.sampler)
     mode = get_engine("ghost", mode=cell.engine_mode or "bookkeeping").ghost
     fallback = cell.ghost_fallback

@@ -124,6 +124,15 @@ def model_of(cell: CellConfig) -> Any:
     return get_model(cell.model, unroll=cell.unroll, pool=cell.pool, tied=cell.tied)
 
 
+def training_set_of(cell: CellConfig, model: Any, key: Any) -> Any:
+    """The cell's training set for ``model`` (its ``data.*`` options: synthetic from ``key``,
+    real, or a file), as every measurement of one cell loads it."""
+    from ablation.data.samplers import load_training_set
+    return load_training_set(model.dataset, cell.data, key=key, limit=cell.data_limit,
+                             cache_dir=cell.data_cache_dir, download=cell.download,
+                             path=cell.data_path)
+
+
 def training_size(cell: CellConfig) -> int:
     """Examples the cell trains on: the dataset's (the file's for ``data=arrays``), or
     ``data.limit`` when smaller."""

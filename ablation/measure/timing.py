@@ -36,12 +36,11 @@ from ablation.core import distributed
 from ablation.core.dpsgd import DPConfig, Step, make_step, sgd
 from ablation.core.engines import get_engine
 from ablation.data.samplers import (Batch, PoissonSampler, ProcessRows, ShuffleSampler,
-                                    load_training_set, poisson_capacity, process_poisson,
-                                    run_keys)
+                                    poisson_capacity, process_poisson, run_keys)
 from ablation.measure.clock import PreparedClock, run_timing_loop
 from ablation.measure.cost_split import measure_cost_split, supports_cost_split
 from ablation.measure.noise_floor import gaussian_rates, noise_floor_s
-from ablation.measure.settings import CellConfig, model_of
+from ablation.measure.settings import CellConfig, model_of, training_set_of
 from models import Model, count_params
 
 EVAL_EXAMPLES = 1024
@@ -163,9 +162,7 @@ def time_cell(cell: CellConfig, noise_multiplier: float, *, clipped_sum: Callabl
     """
     model = model_of(cell)
     keys = run_keys(cell.seed)
-    data = load_training_set(model.dataset, cell.data, key=keys.data, limit=cell.data_limit,
-                             cache_dir=cell.data_cache_dir, download=cell.download,
-                             path=cell.data_path)
+    data = training_set_of(cell, model, keys.data)
     sampler = build_sampler(cell, data, keys.sampler)
     step, optimizer = build_step(cell, model, noise_multiplier, clipped_sum=clipped_sum,
                                  engine=engine)
